@@ -1,0 +1,126 @@
+"""`lmp`: run, list and inspect the pipelines in pipelines.yaml."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+WORK_DIR = Path(".lmp")
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
+
+
+def _load(config: Path) -> PipelinesFile:
+    try:
+        return load_pipelines(config)
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _spec(config: Path, name: str | None) -> PipelineSpec:
+    pipelines = _load(config)
+    try:
+        return pipelines.get(name)
+    except KeyError as e:
+        err.print(f"[red]error:[/red] {e.args[0]} (in {config})", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _progress_listener(progress: Progress, spec: PipelineSpec):
+    bar = progress.add_task("train", total=spec.train.max_steps, loss=float("nan"), rate=0.0)
+
+    def listener(step: int, metrics) -> None:
+        fields = {}
+        if "train_loss" in metrics:
+            fields = {"loss": metrics["train_loss"], "rate": metrics["tokens_per_second"]}
+        progress.update(bar, completed=step, **fields)
+
+    return listener
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Optional[str], typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
+    config: ConfigOption = Path("pipelines.yaml"),
+) -> None:
+    """Run one pipeline end to end: ingest, tokenize, train, evaluate, register."""
+    spec = _spec(config, pipeline)
+    from flows import tracking
+    from flows.pipeline import lm_pipeline  # imported late: prefect start-up is not free
+
+    uri = tracking.configure(Path.cwd())
+    started = time.perf_counter()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:,.0f} tok/s"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        with tracking.listening(_progress_listener(progress, spec)):
+            result = lm_pipeline(spec, workdir=str(WORK_DIR))
+    wall = time.perf_counter() - started
+    metrics = result["metrics"]
+    table = Table(title=f"{spec.name}: done", show_header=False)
+    table.add_row("validation loss", f"{metrics['val_loss']:.4f} nats/token")
+    table.add_row("bits per char", f"{metrics['val_bpc']:.4f}")
+    table.add_row("wall time", f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "
+                  f"{result['train']['tokens_per_second']:,.0f} tokens/s)")
+    table.add_row("registered", result["registered"]["uri"])
+    table.add_row("MLflow run", f"{result['run_id']} in {uri}")
+    console.print(table)
+    console.print("[bold]sample[/bold]")
+    console.print(result["sample"], markup=False, highlight=False)
+
+
+@app.command("list")
+def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
+    """The pipelines in the config file, one line each."""
+    pipelines = _load(config)
+    table = Table(show_header=True)
+    table.add_column("pipeline")
+    table.add_column("model")
+    table.add_column("description")
+    for name, spec in pipelines.pipelines.items():
+        marker = " (default)" if name == pipelines.default else ""
+        m = spec.model
+        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{m.embed_dim}, ctx {m.context_length}",
+                      spec.description)
+    console.print(table)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you add auth.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the embedded store and print its address (Ctrl-C stops it)."""
+    from flows import tracking
+
+    uri = tracking.configure(Path.cwd())
+    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+            "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts := tracking.artifact_location(uri):
+        args += ["--default-artifact-root", artifacts]
+    env = {**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    console.print(f"MLflow UI for {uri} at [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
+    proc = subprocess.Popen(args, env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    app()

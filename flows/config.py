@@ -1,0 +1,126 @@
+"""The pipelines.yaml schema and ``load_pipelines`` — the one place YAML is read.
+
+An invalid file raises one ``ConfigError`` listing every problem by its YAML path, e.g.
+``pipelines.smoke.model.num_layers: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from lm.config import DataConfig, EvalConfig, Frozen, ModelConfig, TokenizerConfig, TrainConfig
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+MAX_FILE_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """pipelines.yaml is unreadable or invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{listing}")
+
+
+class PipelineSpec(Frozen):
+    """One named pipeline: everything a run needs, validated once."""
+
+    name: str
+    """Registered-model name and MLflow experiment name; filled in from the YAML key."""
+    description: str = ""
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _fits(self) -> PipelineSpec:
+        if self.train.eval_tokens < self.model.context_length:
+            raise ValueError(
+                f"train.eval_tokens ({self.train.eval_tokens}) must be at least "
+                f"model.context_length ({self.model.context_length})"
+            )
+        return self
+
+
+class PipelinesFile(Frozen):
+    """The whole file: a default pipeline name and the named pipelines."""
+
+    default: str
+    pipelines: dict[str, PipelineSpec]
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _names_from_keys(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: ({"name": k} | v if isinstance(v, dict) else v) for k, v in value.items()}
+        return value
+
+    @field_validator("pipelines")
+    @classmethod
+    def _valid_names(cls, value: dict[str, PipelineSpec]) -> dict[str, PipelineSpec]:
+        bad = [k for k in value if not NAME.match(k)]
+        if bad:
+            raise ValueError(
+                f"pipeline names {bad} are not valid: use lower-case letters, digits, '.', '_' or '-' "
+                "(they become registered-model names)"
+            )
+        for key, spec in value.items():
+            if spec.name != key:
+                raise ValueError(f"pipeline {key!r} sets name {spec.name!r}; remove `name:`, the key is the name")
+        return value
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> PipelinesFile:
+        if self.default not in self.pipelines:
+            raise ValueError(f"default {self.default!r} is not one of the pipelines {sorted(self.pipelines)}")
+        return self
+
+    def get(self, name: str | None) -> PipelineSpec:
+        """The named pipeline (the default when None); KeyError names the available ones."""
+        key = name or self.default
+        if key not in self.pipelines:
+            raise KeyError(f"no pipeline named {key!r}; available: {', '.join(sorted(self.pipelines))}")
+        return self.pipelines[key]
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:
+    """Validate YAML text; raises ConfigError listing every problem."""
+    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+        raise ConfigError(source, [f"file is larger than {MAX_FILE_BYTES} bytes"])
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [f"not valid YAML: {e}".replace("\n", " ")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["expected a mapping with `default:` and `pipelines:`"])
+    try:
+        return PipelinesFile.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = [p for p in err["loc"] if p not in ("function-after[_fits(), PipelineSpec]",)]
+            problems.append(f"{_location(tuple(loc))}: {err['msg']}")
+        raise ConfigError(source, problems) from None
+
+
+def load_pipelines(path: Path | str = "pipelines.yaml") -> PipelinesFile:
+    """Read and validate a pipelines file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found; pass --config PATH to a pipelines.yaml"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), [f"cannot read: {e}"]) from None
+    return parse_pipelines(text, str(path))

@@ -1,0 +1,29 @@
+"""The Prefect flow: ingest → tokenize → train → evaluate → register, tracked as one MLflow run."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows import tasks, tracking
+from flows.config import PipelineSpec
+
+
+@flow(name="lm-pipeline", flow_run_name="{spec.name}", validate_parameters=False)
+def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp") -> dict:
+    """Run one pipeline end to end; returns the run id, metrics, sample and registered version."""
+    log = get_run_logger()
+    tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
+    with tracking.tracked_run(spec.name, run_name=str(flow_run.name or spec.name), tags=tags) as run_id:
+        tracking.log_params(run_id, tracking.flatten("", spec.model_dump(mode="json", exclude={"name"})))
+        corpus = tasks.ingest(spec.data, workdir, spec.model.context_length)
+        tokens = tasks.tokenize(corpus, spec.tokenizer, workdir)
+        tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
+        log.info("data %s: %d documents, %d tokens", corpus["digest"][:12], corpus["documents"],
+                 tokens["train_tokens"] + tokens["val_tokens"])
+        trained = tasks.train(tokens, spec, run_id, workdir)
+        evaluated = tasks.evaluate(tokens, trained, spec, run_id)
+        registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
+        log.info("registered %s", registered["uri"])
+    return {"run_id": run_id, "metrics": evaluated["metrics"], "sample": evaluated["sample"],
+            "registered": registered, "train": trained, "data_digest": corpus["digest"]}

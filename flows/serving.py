@@ -1,0 +1,57 @@
+"""Pickle-free MLflow pyfunc ("models from code"): text prompts in, generated text out.
+
+MLflow copies this file into the logged model and runs it at load time; ``set_model`` at the bottom
+names the model object. Weights come from ``model.safetensors``, the architecture from
+``config.json`` and the vocabulary from ``tokenizer.json`` — no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+DEFAULT_PARAMS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "seed": 0}
+
+
+def _prompts(model_input: Any) -> list[str]:
+    """Accept a list of strings, a single string, or a DataFrame (first column) as MLflow passes it."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "iloc"):  # pandas DataFrame / Series
+        column = model_input.iloc[:, 0] if getattr(model_input, "ndim", 1) == 2 else model_input
+        return [str(x) for x in column.tolist()]
+    return [str(x) for x in model_input]
+
+
+class TextGenerator(PythonModel):
+    """Loads once in ``load_context``; ``predict`` samples a continuation for each prompt."""
+
+    def load_context(self, context) -> None:
+        from lm.checkpoint import load_weights
+        from lm.config import GPTConfig
+        from lm.models import build_model
+        from lm.tokenizers import load_tokenizer
+
+        with open(context.artifacts["config"], encoding="utf-8") as f:
+            config = json.load(f)
+        model = build_model(GPTConfig.model_validate(config["model"]), config["vocab_size"])
+        self.model = load_weights(context.artifacts["weights"], model).eval()
+        self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from lm.generation import generate
+
+        p = DEFAULT_PARAMS | (params or {})
+        outputs = []
+        for prompt in _prompts(model_input):
+            ids = generate(self.model, self.tokenizer.encode(prompt) or [0],
+                           max_new_tokens=int(p["max_new_tokens"]), temperature=float(p["temperature"]),
+                           top_k=int(p["top_k"]) or None, seed=int(p["seed"]))
+            outputs.append(prompt + self.tokenizer.decode(ids))
+        return outputs
+
+
+mlflow.models.set_model(TextGenerator())

@@ -1,0 +1,132 @@
+"""MLflow set-up in one place, the run lifecycle, and the metric sink that implements lm's ``on_metrics``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+STORE_DIR = "mlruns"
+Listener = Callable[[int, Mapping[str, float]], None]
+_listeners: list[Listener] = []  # in-process observers (the CLI's progress bar)
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The embedded store: ``sqlite:///<root>/mlruns/mlflow.db``."""
+    return f"sqlite:///{(Path(root) / STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def configure(root: Path | str = ".") -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store under ``root``; returns the URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root))
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of the embedded store live beside its database, under ``mlruns/artifacts``."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None  # a tracking server decides
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextmanager
+def tracked_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """Create an MLflow run, yield its id, and end it FINISHED, or FAILED/KILLED on an exception."""
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, experiment, uri), run_name=run_name, tags=dict(tags))
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def flatten(prefix: str, value: object) -> dict[str, str]:
+    """Nested config → ``{"model.num_layers": "4", ...}`` for MLflow params."""
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return {prefix: str(value)[:6000]}
+
+
+def log_params(run_id: str, params: Mapping[str, object]) -> None:
+    MlflowClient().log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_evaluation(run_id: str, result: Mapping, step: int) -> None:
+    """Final metrics at the last training step, the generated sample, and the evaluation protocol."""
+    log_metrics(run_id, result["metrics"], step=step)
+    client = MlflowClient()
+    client.log_text(run_id, result["sample"], "samples/sample.txt")
+    client.set_tag(run_id, "eval.protocol", result["protocol"])
+
+
+class MetricSink:
+    """lm's ``on_metrics`` for MLflow: buffers metric rows and writes them in batches."""
+
+    def __init__(self, run_id: str, *, flush_every: int = 200):
+        self.run_id, self.flush_every = run_id, flush_every
+        self.client = MlflowClient()
+        self.buffer: list[Metric] = []
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        for listener in list(_listeners):
+            listener(step, metrics)
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):  # MLflow's per-batch metric limit
+            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+        self.buffer.clear()
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Let an in-process observer (a progress bar) see every metric the pipeline reports."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)

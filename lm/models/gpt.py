@@ -1,0 +1,119 @@
+"""GPT-style decoder: pre-norm blocks, causal scaled-dot-product attention, tied embeddings.
+
+Reads top-down in architecture order: attention, MLP, block, then the assembled model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lm.config import GPTConfig
+from lm.models.base import LMOutput
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        self.proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape  # batch, time, channels
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, *, embed_dim: int, dropout: float, bias: bool):
+        super().__init__()
+        self.fc = nn.Linear(embed_dim, 4 * embed_dim, bias=bias)
+        self.proj = nn.Linear(4 * embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(embed_dim, bias=bias)
+        self.attn = CausalSelfAttention(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, bias=bias)
+        self.ln_2 = nn.LayerNorm(embed_dim, bias=bias)
+        self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer language model. ``forward(tokens (B, T)) → LMOutput(logits (B, T, V))``."""
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.token_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.position_embedding = nn.Embedding(cfg.context_length, cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.bias)
+            for _ in range(cfg.num_layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.embed_dim, vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        # GPT-2 scaling of residual projections by depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) → final hidden states (B, T, C), after the last layer norm."""
+        T = tokens.shape[1]
+        if T > self.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
+        pos = torch.arange(T, device=tokens.device)
+        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor, state: object = None) -> LMOutput:
+        """``state`` is accepted for interface symmetry; the GPT recomputes its context."""
+        return LMOutput(self.lm_head(self.encode(tokens)), None)
+
+    def num_parameters(self, *, non_embedding: bool = False) -> int:
+        """Parameters counted once (the tied output matrix is the input embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token ≈ 6·N + 12·L·d·T (N: non-embedding params + tied output)."""
+        cfg = self.cfg
+        n = self.num_parameters(non_embedding=True) + self.lm_head.weight.numel()
+        return 6.0 * n + 12.0 * cfg.num_layers * cfg.embed_dim * cfg.context_length

@@ -1,0 +1,123 @@
+"""The pipeline's stages as pure functions from paths and configs to paths and small dicts.
+
+Orchestration (Prefect) and tracking (MLflow) wrap these in ``flows/``; nothing here knows about
+either. Each stage returns JSON-serialisable values only, so tasks pass paths and digests, never
+tensors or models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lm.checkpoint import load_checkpoint
+from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
+from lm.data import build_corpus
+from lm.evaluation import PROTOCOL, lm_metrics, mean_loss
+from lm.generation import generate
+from lm.models import build_model
+from lm.tokenizers import load_tokenizer, open_tokens, tokenize_corpus
+from lm.training import MetricSink, resolve_device, resolve_precision, train
+
+
+def ingest(cfg: DataConfig, root: Path, *, context_length: int) -> dict:
+    """Clean and split the corpus into ``root/<digest>``; returns path, digest and counts."""
+    corpus = build_corpus(cfg, Path(root), min_val_chars=context_length + 1)
+    return asdict(corpus) | {"path": str(corpus.path)}
+
+
+def tokenize(corpus: dict, cfg: TokenizerConfig, root: Path) -> dict:
+    """Train the tokenizer on the training split and write token files; returns their manifest."""
+    path = Path(corpus["path"])
+    return tokenize_corpus(path / "train.txt", path / "val.txt", corpus["digest"], cfg, Path(root))
+
+
+def _splits(tokens: dict):
+    path = Path(tokens["path"])
+    return (open_tokens(path / "train.bin", tokens["dtype"]), open_tokens(path / "val.bin", tokens["dtype"]))
+
+
+def model_card(model: torch.nn.Module) -> dict:
+    """Sizes every run reports: parameters (tied output counted once) and training FLOPs per token."""
+    return {
+        "num_parameters": model.num_parameters(),
+        "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
+        "flops_per_token": model.flops_per_token(),
+    }
+
+
+def fit(
+    tokens: dict,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    on_metrics: MetricSink,
+    on_start: Callable[[dict], None] | None = None,
+) -> dict:
+    """Build the model (seeded), train it and write ``out_dir/final``; returns the summary."""
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, tokens["vocab_size"])
+    card = model_card(model)
+    if on_start is not None:
+        on_start(card)
+    train_split, val_split = _splits(tokens)
+    state = {"model": model_cfg.model_dump(mode="json"), "vocab_size": tokens["vocab_size"],
+             "tokenizer_digest": tokens["tokenizer_digest"], "data_digest": tokens["data_digest"]}
+    result = train(model, train_split, val_split, train_cfg, on_metrics=on_metrics,
+                   checkpoint_dir=Path(out_dir), checkpoint_state=state)
+    return card | {
+        "checkpoint": str(result.checkpoint),
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "wall_seconds": result.wall_seconds,
+        "tokens_per_second": result.tokens_per_second,
+    }
+
+
+def load_trained(checkpoint: Path, model_cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """Rebuild the architecture and load verified weights from a checkpoint directory."""
+    model = build_model(model_cfg, vocab_size)
+    load_checkpoint(Path(checkpoint), model)
+    return model.eval()
+
+
+def evaluate(tokens: dict, checkpoint: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+             eval_cfg: EvalConfig) -> dict:
+    """Validation loss / perplexity / bits per char over the whole split, and a generated sample."""
+    device = resolve_device(train_cfg.device)
+    amp_dtype = resolve_precision(train_cfg.precision, device)
+    model = load_trained(checkpoint, model_cfg, tokens["vocab_size"]).to(device)
+    _, val_split = _splits(tokens)
+    loss, count = mean_loss(model, val_split, context_length=model.context_length,
+                            batch_size=train_cfg.batch_size, device=device, autocast_dtype=amp_dtype)
+    # Characters covered by the predicted tokens (all but the first), for bits per character.
+    chars = tokens["val_chars"] * count / tokens["val_tokens"]
+    tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
+    new = generate(model, tok.encode(eval_cfg.prompt), max_new_tokens=eval_cfg.max_new_tokens,
+                   temperature=eval_cfg.temperature, top_k=eval_cfg.top_k, seed=eval_cfg.seed,
+                   device=device)
+    return {
+        "metrics": lm_metrics(loss, count, chars, prefix="val") | {"val_tokens": float(count)},
+        "protocol": PROTOCOL,
+        "sample": eval_cfg.prompt + tok.decode(new),
+    }
+
+
+def export_model(checkpoint: Path, tokens: dict, model_cfg: ModelConfig, eval_cfg: EvalConfig,
+                 out_dir: Path) -> dict[str, str]:
+    """Files a served model needs: weights, config.json, tokenizer.json. Returns name → path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model": model_cfg.model_dump(mode="json"), "vocab_size": tokens["vocab_size"],
+              "generation": eval_cfg.model_dump(mode="json")}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return {
+        "weights": str(Path(checkpoint) / "model.safetensors"),
+        "config": str(out_dir / "config.json"),
+        "tokenizer": str(Path(tokens["path"]) / "tokenizer.json"),
+    }

@@ -1,0 +1,185 @@
+"""One training loop for every architecture: AdamW, warm-up + cosine, clipping, bf16 autocast.
+
+The loop reports through ``on_metrics(step, metrics)`` and never touches tracking, orchestration,
+the environment or the working directory: device, precision, seed and paths are all parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lm.checkpoint import save_checkpoint
+from lm.config import TrainConfig
+from lm.evaluation import mean_loss
+
+MetricSink = Callable[[int, Mapping[str, float]], None]
+MAX_BAD_STEPS = 5
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (for example: the loss stayed non-finite)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    train_loss: float
+    val_loss: float
+    wall_seconds: float
+    tokens_per_second: float
+    checkpoint: Path | None
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # native bf16 matmuls (AVX-512 BF16 / AMX) make autocast a speed-up on CPU
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``choice`` (None means plain fp32)."""
+    if choice == "fp32" or (choice == "auto" and not bf16_supported(device)):
+        return None
+    return torch.bfloat16
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` × peak at ``max_steps``."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused kernels where the device has them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=True)
+
+
+class BatchSampler:
+    """Random windows of ``context_length + 1`` tokens from a flat token array, seeded."""
+
+    def __init__(self, tokens: np.ndarray, *, context_length: int, batch_size: int, seed: int):
+        if tokens.size < context_length + 2:
+            raise TrainingError(
+                f"training split has {tokens.size} tokens, fewer than context_length + 2 "
+                f"({context_length + 2}); use more data or a shorter context_length"
+            )
+        self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> torch.Tensor:
+        """(batch_size, context_length + 1) int64: inputs are [:, :-1], targets [:, 1:]."""
+        high = self.tokens.size - self.context_length - 1
+        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
+        window = np.stack([self.tokens[s : s + self.context_length + 1] for s in starts])
+        return torch.from_numpy(window.astype(np.int64))
+
+
+def train(
+    model: nn.Module,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    on_metrics: MetricSink,
+    checkpoint_dir: Path | None = None,
+    checkpoint_state: Mapping[str, object] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.max_steps`` steps; evaluate every ``cfg.eval_interval``.
+
+    Writes the final weights to ``checkpoint_dir/final`` when given, with ``checkpoint_state`` (JSON)
+    merged into the saved state.
+    """
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    model.to(device).train()
+    ctx = model.context_length
+    sampler = BatchSampler(train_tokens, context_length=ctx, batch_size=cfg.batch_size, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg, device)
+    tokens_per_step = cfg.batch_size * ctx
+    rates: list[float] = []
+    losses: list[float] = []
+    val_loss, bad_steps, t0 = float("nan"), 0, time.perf_counter()
+
+    def validate(step: int) -> float:
+        loss, _ = mean_loss(model, val_tokens, context_length=ctx, batch_size=cfg.batch_size,
+                            device=device, autocast_dtype=amp_dtype, max_tokens=cfg.eval_tokens)
+        on_metrics(step, {"val_loss_estimate": loss})
+        return loss
+
+    for step in range(cfg.max_steps):
+        t_step = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = sampler.next().to(device)
+        with amp():
+            logits = model(batch[:, :-1]).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            bad_steps += 1  # skip the update; weights stay at the last good values
+            if bad_steps >= MAX_BAD_STEPS:
+                raise TrainingError(f"loss or gradient non-finite for {bad_steps} steps (last at step {step})")
+            continue
+        optimizer.step()
+        losses.append(loss_value)
+        rates.append(tokens_per_step / (time.perf_counter() - t_step))
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            window = losses[-cfg.log_interval :]
+            on_metrics(done, {
+                "train_loss": sum(window) / len(window),
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens_per_second": statistics.median(rates[-cfg.log_interval :]),
+            })
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = validate(done)
+
+    wall = time.perf_counter() - t0
+    checkpoint = None
+    if checkpoint_dir is not None:
+        state = {"step": cfg.max_steps, "val_loss_estimate": val_loss, **(checkpoint_state or {})}
+        checkpoint = save_checkpoint(Path(checkpoint_dir) / "final", model, state)
+    steady = rates[min(len(rates) - 1, 5):] if rates else [0.0]  # skip warm-up steps
+    return TrainResult(
+        steps=cfg.max_steps,
+        train_loss=losses[-1] if losses else float("nan"),
+        val_loss=val_loss,
+        wall_seconds=wall,
+        tokens_per_second=statistics.median(steady),
+        checkpoint=checkpoint,
+    )
