@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -112,7 +113,7 @@ def ui(
             "--host", host, "--port", str(port), "--workers", "1"]
     if artifacts := tracking.artifact_location(uri):
         args += ["--default-artifact-root", artifacts]
-    env = {**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     console.print(f"MLflow UI for {uri} at [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
     proc = subprocess.Popen(args, env=env)
     try:

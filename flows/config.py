@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lm.config import DataConfig, EvalConfig, Frozen, ModelConfig, TokenizerConfig, TrainConfig
 
@@ -52,8 +52,8 @@ class PipelineSpec(Frozen):
 class PipelinesFile(Frozen):
     """The whole file: a default pipeline name and the named pipelines."""
 
-    default: str
     pipelines: dict[str, PipelineSpec]
+    default: str  # declared after `pipelines` so its validator can see them
 
     @field_validator("pipelines", mode="before")
     @classmethod
@@ -76,11 +76,13 @@ class PipelinesFile(Frozen):
                 raise ValueError(f"pipeline {key!r} sets name {spec.name!r}; remove `name:`, the key is the name")
         return value
 
-    @model_validator(mode="after")
-    def _default_exists(self) -> PipelinesFile:
-        if self.default not in self.pipelines:
-            raise ValueError(f"default {self.default!r} is not one of the pipelines {sorted(self.pipelines)}")
-        return self
+    @field_validator("default")
+    @classmethod
+    def _default_exists(cls, value: str, info: ValidationInfo) -> str:
+        pipelines = info.data.get("pipelines")
+        if pipelines is not None and value not in pipelines:
+            raise ValueError(f"{value!r} is not one of the pipelines {sorted(pipelines)}")
+        return value
 
     def get(self, name: str | None) -> PipelineSpec:
         """The named pipeline (the default when None); KeyError names the available ones."""

@@ -11,7 +11,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import lm
-from flows.serving import DEFAULT_PARAMS
+from lm.generation import GENERATION_DEFAULTS
 
 SERVING_FILE = Path(__file__).with_name("serving.py")
 LM_DIR = Path(lm.__file__).parent
@@ -44,7 +44,7 @@ def requirements() -> list[str]:
 def log_and_register(run_id: str, name: str, files: Mapping[str, str], tags: Mapping[str, str],
                      example_prompt: str) -> dict:
     """Log the model into ``run_id`` and create a new version of registered model ``name``."""
-    params = dict(DEFAULT_PARAMS)
+    params = dict(GENERATION_DEFAULTS)
     signature = infer_signature([example_prompt], [example_prompt + "..."], params=params)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -13,7 +13,6 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-DEFAULT_PARAMS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "seed": 0}
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -42,9 +41,9 @@ class TextGenerator(PythonModel):
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from lm.generation import generate
+        from lm.generation import GENERATION_DEFAULTS, generate
 
-        p = DEFAULT_PARAMS | (params or {})
+        p = GENERATION_DEFAULTS | (params or {})
         outputs = []
         for prompt in _prompts(model_input):
             ids = generate(self.model, self.tokenizer.encode(prompt) or [0],

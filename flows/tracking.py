@@ -101,25 +101,31 @@ def log_evaluation(run_id: str, result: Mapping, step: int) -> None:
 
 
 class MetricSink:
-    """lm's ``on_metrics`` for MLflow: buffers metric rows and writes them in batches."""
+    """lm's ``on_metrics`` for MLflow: buffers metric rows and writes them in batches.
 
-    def __init__(self, run_id: str, *, flush_every: int = 200):
-        self.run_id, self.flush_every = run_id, flush_every
+    A batch goes out every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes first,
+    so the MLflow UI follows a live run without a database write per step.
+    """
+
+    def __init__(self, run_id: str, *, flush_rows: int = 500, flush_seconds: float = 5.0):
+        self.run_id, self.flush_rows, self.flush_seconds = run_id, flush_rows, flush_seconds
         self.client = MlflowClient()
         self.buffer: list[Metric] = []
+        self.last_flush = time.monotonic()
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         for listener in list(_listeners):
             listener(step, metrics)
-        if len(self.buffer) >= self.flush_every:
+        if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         for i in range(0, len(self.buffer), 1000):  # MLflow's per-batch metric limit
             self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
         self.buffer.clear()
+        self.last_flush = time.monotonic()
 
 
 @contextmanager

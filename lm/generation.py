@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+GENERATION_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "seed": 0}
+"""Defaults for served generation; ``top_k`` 0 means no top-k filtering."""
+
 
 @torch.no_grad()
 def generate(

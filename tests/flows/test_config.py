@@ -1,0 +1,100 @@
+"""pipelines.yaml: every shipped pipeline validates and builds; bad files list every problem by path."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, PipelineSpec, load_pipelines, parse_pipelines
+from lm.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = load_pipelines(ROOT / "pipelines.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED.pipelines))
+def test_every_shipped_pipeline_validates_and_builds_its_model(name):
+    spec = SHIPPED.get(name)
+    assert isinstance(spec, PipelineSpec) and spec.name == name
+    model = build_model(spec.model, vocab_size=80)
+    assert model.context_length == spec.model.context_length
+    assert spec.description
+
+
+def test_default_pipeline_is_the_shakespeare_gpt():
+    assert SHIPPED.default == "shakespeare-char-gpt"
+    assert SHIPPED.get(None).name == "shakespeare-char-gpt"
+
+
+def test_specs_are_frozen():
+    with pytest.raises(Exception):
+        SHIPPED.get("smoke").train.max_steps = 1
+
+
+BROKEN = """
+default: a
+pipelines:
+  a:
+    model:
+      num_layers: 0
+      embde_dim: 64
+    train:
+      learning_rate: fast
+"""
+
+
+def test_every_problem_is_listed_by_yaml_path():
+    with pytest.raises(ConfigError) as info:
+        parse_pipelines(BROKEN, "broken.yaml")
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    text = str(info.value)
+    assert "pipelines.a.model.num_layers: Input should be greater than 0" in text
+    assert "pipelines.a.model.embde_dim: Extra inputs are not permitted" in text
+    assert "pipelines.a.train.learning_rate: Input should be a valid number" in text
+    assert text.startswith("broken.yaml: 3 problem(s)")
+
+
+def test_python_tags_are_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"default: a\npipelines:\n  a: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_pipelines(text)
+    assert not marker.exists()
+
+
+def test_unknown_pipeline_names_the_available_ones():
+    with pytest.raises(KeyError, match="no pipeline named 'nope'; available: shakespeare-char-gpt, smoke"):
+        SHIPPED.get("nope")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("default: b\npipelines:\n  a: {}\n", "default: Value error, 'b' is not one of the pipelines"),
+    ("default: A\npipelines:\n  A: {}\n", "are not valid"),
+    ("pipelines: {}\n", "default: Field required"),
+    ("- just a list\n", "expected a mapping"),
+    ("default: a\npipelines:\n  a: {model: {embed_dim: 30, num_heads: 4}}\n", "divisible by num_heads"),
+    ("default: a\npipelines:\n  a: {model: {kind: rnn}}\n", "pipelines.a.model.kind"),
+])
+def test_structural_mistakes(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_pipelines(text)
+
+
+def test_anchors_and_merge_keys_share_settings():
+    text = """
+default: a
+pipelines:
+  a:
+    train: &t {max_steps: 7, batch_size: 3}
+  b:
+    train:
+      <<: *t
+      max_steps: 9
+"""
+    f = parse_pipelines(text)
+    assert f.get("b").train.batch_size == 3 and f.get("b").train.max_steps == 9
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_pipelines(tmp_path / "none.yaml")

@@ -1,0 +1,76 @@
+"""The smoke pipeline end to end: a FINISHED MLflow run, its history, and a registered, pickle-free model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import load_pipelines
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke_spec():
+    return load_pipelines(ROOT / "pipelines.yaml").get("smoke")
+
+
+def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store, smoke_spec, tmp_path,
+                                                   monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import lm_pipeline
+
+    result = lm_pipeline(smoke_spec, workdir=str(tmp_path / ".lmp"))
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.num_layers"] == "2"
+    assert run.data.params["train.max_steps"] == str(smoke_spec.train.max_steps)
+    assert int(run.data.params["num_parameters"]) > 0
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    steps = [m.step for m in history]
+    assert steps == list(range(5, smoke_spec.train.max_steps + 1, 5))
+    assert history[-1].value < history[0].value  # it learned something
+    for key in ("val_loss", "val_bpc", "val_perplexity"):
+        assert key in run.data.metrics
+    assert run.data.tags["data_digest"] == result["data_digest"]
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+
+    reg = result["registered"]
+    assert reg["name"] == "smoke" and reg["uri"] == f"models:/smoke/{reg['version']}"
+    version = client.get_model_version("smoke", str(reg["version"]))
+    assert version.run_id == run.info.run_id
+    assert version.tags["data_digest"] == result["data_digest"]
+    assert version.tags["config_digest"] == smoke_spec.digest()
+    assert float(version.tags["val_bpc"]) == pytest.approx(run.data.metrics["val_bpc"], rel=1e-5)
+
+    # The registered model is pickle-free: it loads with pickle deserialization disabled,
+    # and generates text from a prompt.
+    artifacts = Path(mlflow.artifacts.download_artifacts(reg["model_uri"], dst_path=str(tmp_path / "dl")))
+    files = {p.name for p in artifacts.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "MLmodel"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))]
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(reg["uri"])
+    out = model.predict(["ROMEO:\n", "JULIET:\n"], params={"max_new_tokens": 12, "seed": 1})
+    assert len(out) == 2 and out[0].startswith("ROMEO:\n") and len(out[0]) == len("ROMEO:\n") + 12
+
+
+def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, mlflow_store, smoke_spec,
+                                                              tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import lm_pipeline
+    from lm.data import DataError
+
+    tiny = smoke_spec.model_copy(update={"data": smoke_spec.data.model_copy(update={"max_chars": 30})})
+    with pytest.raises(DataError, match="validation split"):
+        lm_pipeline(tiny, workdir=str(tmp_path / ".lmp"))
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_registered_models() == []

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from lm.config import GPTConfig
+from lm.models import GPT, LanguageModel, LMOutput, build_model
+
+
+def test_shapes_and_interface(tiny_gpt):
+    torch.manual_seed(0)
+    model = build_model(tiny_gpt, vocab_size=11)
+    assert isinstance(model, GPT) and isinstance(model, LanguageModel)
+    tokens = torch.randint(0, 11, (3, 16))
+    out = model(tokens)
+    assert isinstance(out, LMOutput)
+    assert out.logits.shape == (3, 16, 11)
+    assert model.encode(tokens).shape == (3, 16, tiny_gpt.embed_dim)
+
+
+def test_output_at_t_does_not_see_tokens_after_t(tiny_gpt):
+    torch.manual_seed(0)
+    model = build_model(tiny_gpt, vocab_size=11).eval()
+    a = torch.randint(0, 11, (1, 16))
+    b = a.clone()
+    b[0, 9:] = (b[0, 9:] + 1) % 11  # change every token after position 8
+    la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[0, :9], lb[0, :9])
+    assert not torch.allclose(la[0, 9:], lb[0, 9:])
+
+
+def test_input_and_output_embeddings_are_tied(tiny_gpt):
+    model = build_model(tiny_gpt, vocab_size=11)
+    assert model.lm_head.weight.data_ptr() == model.token_embedding.weight.data_ptr()
+    untied = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    assert model.num_parameters() == untied
+
+
+def test_flops_per_token_follows_the_formula(tiny_gpt):
+    model = build_model(tiny_gpt, vocab_size=11)
+    n = model.num_parameters(non_embedding=True) + 11 * tiny_gpt.embed_dim
+    expected = 6 * n + 12 * tiny_gpt.num_layers * tiny_gpt.embed_dim * tiny_gpt.context_length
+    assert model.flops_per_token() == expected
+
+
+def test_longer_than_context_is_an_error(tiny_gpt):
+    model = build_model(tiny_gpt, vocab_size=11)
+    with pytest.raises(ValueError, match="exceeds context_length 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_invalid_sizes_are_refused():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        GPTConfig(embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="vocab_size must be positive"):
+        build_model(GPTConfig(), vocab_size=0)
