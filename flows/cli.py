@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -54,7 +54,7 @@ def _progress_listener(progress: Progress, spec: PipelineSpec):
 
 @app.command()
 def run(
-    pipeline: Annotated[Optional[str], typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
     config: ConfigOption = Path("pipelines.yaml"),
 ) -> None:
     """Run one pipeline end to end: ingest, tokenize, train, evaluate, register."""
@@ -64,9 +64,14 @@ def run(
 
     uri = tracking.configure(Path.cwd())
     started = time.perf_counter()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:,.0f} tok/s"),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[rate]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         with tracking.listening(_progress_listener(progress, spec)):
             result = lm_pipeline(spec, workdir=str(WORK_DIR))
@@ -75,8 +80,11 @@ def run(
     table = Table(title=f"{spec.name}: done", show_header=False)
     table.add_row("validation loss", f"{metrics['val_loss']:.4f} nats/token")
     table.add_row("bits per char", f"{metrics['val_bpc']:.4f}")
-    table.add_row("wall time", f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "
-                  f"{result['train']['tokens_per_second']:,.0f} tokens/s)")
+    table.add_row(
+        "wall time",
+        f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "
+        f"{result['train']['tokens_per_second']:,.0f} tokens/s)",
+    )
     table.add_row("registered", result["registered"]["uri"])
     table.add_row("MLflow run", f"{result['run_id']} in {uri}")
     console.print(table)
@@ -95,8 +103,7 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     for name, spec in pipelines.pipelines.items():
         marker = " (default)" if name == pipelines.default else ""
         m = spec.model
-        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{m.embed_dim}, ctx {m.context_length}",
-                      spec.description)
+        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{m.embed_dim}, ctx {m.context_length}", spec.description)
     console.print(table)
 
 
@@ -109,8 +116,20 @@ def ui(
     from flows import tracking
 
     uri = tracking.configure(Path.cwd())
-    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port), "--workers", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifacts := tracking.artifact_location(uri):
         args += ["--default-artifact-root", artifacts]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

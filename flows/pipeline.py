@@ -19,11 +19,21 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp") -> dict:
         corpus = tasks.ingest(spec.data, workdir, spec.model.context_length)
         tokens = tasks.tokenize(corpus, spec.tokenizer, workdir)
         tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
-        log.info("data %s: %d documents, %d tokens", corpus["digest"][:12], corpus["documents"],
-                 tokens["train_tokens"] + tokens["val_tokens"])
+        log.info(
+            "data %s: %d documents, %d tokens",
+            corpus["digest"][:12],
+            corpus["documents"],
+            tokens["train_tokens"] + tokens["val_tokens"],
+        )
         trained = tasks.train(tokens, spec, run_id, workdir)
         evaluated = tasks.evaluate(tokens, trained, spec, run_id)
         registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
         log.info("registered %s", registered["uri"])
-    return {"run_id": run_id, "metrics": evaluated["metrics"], "sample": evaluated["sample"],
-            "registered": registered, "train": trained, "data_digest": corpus["digest"]}
+    return {
+        "run_id": run_id,
+        "metrics": evaluated["metrics"],
+        "sample": evaluated["sample"],
+        "registered": registered,
+        "train": trained,
+        "data_digest": corpus["digest"],
+    }

@@ -41,8 +41,9 @@ def requirements() -> list[str]:
     ]
 
 
-def log_and_register(run_id: str, name: str, files: Mapping[str, str], tags: Mapping[str, str],
-                     example_prompt: str) -> dict:
+def log_and_register(
+    run_id: str, name: str, files: Mapping[str, str], tags: Mapping[str, str], example_prompt: str
+) -> dict:
     """Log the model into ``run_id`` and create a new version of registered model ``name``."""
     params = dict(GENERATION_DEFAULTS)
     signature = infer_signature([example_prompt], [example_prompt + "..."], params=params)
@@ -60,5 +61,9 @@ def log_and_register(run_id: str, name: str, files: Mapping[str, str], tags: Map
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=f"Language model trained by pipeline {name!r}.")
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
-    return {"name": name, "version": int(version.version), "uri": f"models:/{name}/{version.version}",
-            "model_uri": info.model_uri}
+    return {
+        "name": name,
+        "version": int(version.version),
+        "uri": f"models:/{name}/{version.version}",
+        "model_uri": info.model_uri,
+    }

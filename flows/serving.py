@@ -14,7 +14,6 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 
-
 def _prompts(model_input: Any) -> list[str]:
     """Accept a list of strings, a single string, or a DataFrame (first column) as MLflow passes it."""
     if isinstance(model_input, str):
@@ -46,9 +45,14 @@ class TextGenerator(PythonModel):
         p = GENERATION_DEFAULTS | (params or {})
         outputs = []
         for prompt in _prompts(model_input):
-            ids = generate(self.model, self.tokenizer.encode(prompt) or [0],
-                           max_new_tokens=int(p["max_new_tokens"]), temperature=float(p["temperature"]),
-                           top_k=int(p["top_k"]) or None, seed=int(p["seed"]))
+            ids = generate(
+                self.model,
+                self.tokenizer.encode(prompt) or [0],
+                max_new_tokens=int(p["max_new_tokens"]),
+                temperature=float(p["temperature"]),
+                top_k=int(p["top_k"]) or None,
+                seed=int(p["seed"]),
+            )
             outputs.append(prompt + self.tokenizer.decode(ids))
         return outputs
 

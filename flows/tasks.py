@@ -35,12 +35,21 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
     sink = tracking.MetricSink(run_id)
     out = Path(workdir) / "runs" / run_id
     try:
-        result = stages.fit(tokens, spec.model, spec.train, out, on_metrics=sink,
-                            on_start=lambda card: tracking.log_params(run_id, card))
+        result = stages.fit(
+            tokens,
+            spec.model,
+            spec.train,
+            out,
+            on_metrics=sink,
+            on_start=lambda card: tracking.log_params(run_id, card),
+        )
     finally:
         sink.flush()
-    tracking.log_metrics(run_id, {"wall_seconds": result["wall_seconds"],
-                                  "tokens_per_second": result["tokens_per_second"]}, step=result["steps"])
+    tracking.log_metrics(
+        run_id,
+        {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]},
+        step=result["steps"],
+    )
     return result
 
 
@@ -52,11 +61,15 @@ def evaluate(tokens: dict, trained: dict, spec: PipelineSpec, run_id: str) -> di
 
 
 @task(name="register", **OPTS)
-def register(tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str,
-             workdir: str) -> dict:
-    files = stages.export_model(trained["checkpoint"], tokens, spec.model, spec.eval,
-                                Path(workdir) / "runs" / run_id / "export")
-    tags = {"data_digest": tokens["data_digest"], "tokenizer_digest": tokens["tokenizer_digest"],
-            "config_digest": spec.digest(), "git_commit": registry.git_commit(),
-            **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items()}}
+def register(tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
+    files = stages.export_model(
+        trained["checkpoint"], tokens, spec.model, spec.eval, Path(workdir) / "runs" / run_id / "export"
+    )
+    tags = {
+        "data_digest": tokens["data_digest"],
+        "tokenizer_digest": tokens["tokenizer_digest"],
+        "config_digest": spec.digest(),
+        "git_commit": registry.git_commit(),
+        **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items()},
+    }
     return registry.log_and_register(run_id, spec.name, files, tags, spec.eval.prompt)

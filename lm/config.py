@@ -67,8 +67,7 @@ class GPTConfig(Frozen):
     def _heads_divide_width(self) -> GPTConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); "
-                "change one of them"
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); change one of them"
             )
         return self
 

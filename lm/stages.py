@@ -66,10 +66,21 @@ def fit(
     if on_start is not None:
         on_start(card)
     train_split, val_split = _splits(tokens)
-    state = {"model": model_cfg.model_dump(mode="json"), "vocab_size": tokens["vocab_size"],
-             "tokenizer_digest": tokens["tokenizer_digest"], "data_digest": tokens["data_digest"]}
-    result = train(model, train_split, val_split, train_cfg, on_metrics=on_metrics,
-                   checkpoint_dir=Path(out_dir), checkpoint_state=state)
+    state = {
+        "model": model_cfg.model_dump(mode="json"),
+        "vocab_size": tokens["vocab_size"],
+        "tokenizer_digest": tokens["tokenizer_digest"],
+        "data_digest": tokens["data_digest"],
+    }
+    result = train(
+        model,
+        train_split,
+        val_split,
+        train_cfg,
+        on_metrics=on_metrics,
+        checkpoint_dir=Path(out_dir),
+        checkpoint_state=state,
+    )
     return card | {
         "checkpoint": str(result.checkpoint),
         "steps": result.steps,
@@ -86,21 +97,34 @@ def load_trained(checkpoint: Path, model_cfg: ModelConfig, vocab_size: int) -> t
     return model.eval()
 
 
-def evaluate(tokens: dict, checkpoint: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-             eval_cfg: EvalConfig) -> dict:
+def evaluate(
+    tokens: dict, checkpoint: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig
+) -> dict:
     """Validation loss / perplexity / bits per char over the whole split, and a generated sample."""
     device = resolve_device(train_cfg.device)
     amp_dtype = resolve_precision(train_cfg.precision, device)
     model = load_trained(checkpoint, model_cfg, tokens["vocab_size"]).to(device)
     _, val_split = _splits(tokens)
-    loss, count = mean_loss(model, val_split, context_length=model.context_length,
-                            batch_size=train_cfg.batch_size, device=device, autocast_dtype=amp_dtype)
+    loss, count = mean_loss(
+        model,
+        val_split,
+        context_length=model.context_length,
+        batch_size=train_cfg.batch_size,
+        device=device,
+        autocast_dtype=amp_dtype,
+    )
     # Characters covered by the predicted tokens (all but the first), for bits per character.
     chars = tokens["val_chars"] * count / tokens["val_tokens"]
     tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
-    new = generate(model, tok.encode(eval_cfg.prompt), max_new_tokens=eval_cfg.max_new_tokens,
-                   temperature=eval_cfg.temperature, top_k=eval_cfg.top_k, seed=eval_cfg.seed,
-                   device=device)
+    new = generate(
+        model,
+        tok.encode(eval_cfg.prompt),
+        max_new_tokens=eval_cfg.max_new_tokens,
+        temperature=eval_cfg.temperature,
+        top_k=eval_cfg.top_k,
+        seed=eval_cfg.seed,
+        device=device,
+    )
     return {
         "metrics": lm_metrics(loss, count, chars, prefix="val") | {"val_tokens": float(count)},
         "protocol": PROTOCOL,
@@ -108,13 +132,17 @@ def evaluate(tokens: dict, checkpoint: Path, model_cfg: ModelConfig, train_cfg: 
     }
 
 
-def export_model(checkpoint: Path, tokens: dict, model_cfg: ModelConfig, eval_cfg: EvalConfig,
-                 out_dir: Path) -> dict[str, str]:
+def export_model(
+    checkpoint: Path, tokens: dict, model_cfg: ModelConfig, eval_cfg: EvalConfig, out_dir: Path
+) -> dict[str, str]:
     """Files a served model needs: weights, config.json, tokenizer.json. Returns name → path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model": model_cfg.model_dump(mode="json"), "vocab_size": tokens["vocab_size"],
-              "generation": eval_cfg.model_dump(mode="json")}
+    config = {
+        "model": model_cfg.model_dump(mode="json"),
+        "vocab_size": tokens["vocab_size"],
+        "generation": eval_cfg.model_dump(mode="json"),
+    }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return {
         "weights": str(Path(checkpoint) / "model.safetensors"),

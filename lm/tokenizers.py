@@ -125,9 +125,7 @@ def open_tokens(path: Path, dtype: str) -> np.memmap:
 TOKENIZE_VERSION = "1"  # bump when tokenization output changes for the same inputs
 
 
-def tokenize_corpus(
-    train_path: Path, val_path: Path, data_digest: str, cfg: TokenizerConfig, root: Path
-) -> dict:
+def tokenize_corpus(train_path: Path, val_path: Path, data_digest: str, cfg: TokenizerConfig, root: Path) -> dict:
     """Train the tokenizer on the training split and write both splits as token files.
 
     Output ``root/<key>/``: ``tokenizer.json``, ``train.bin``, ``val.bin``, ``manifest.json``. The key

@@ -132,8 +132,15 @@ def train(
     val_loss, bad_steps, t0 = float("nan"), 0, time.perf_counter()
 
     def validate(step: int) -> float:
-        loss, _ = mean_loss(model, val_tokens, context_length=ctx, batch_size=cfg.batch_size,
-                            device=device, autocast_dtype=amp_dtype, max_tokens=cfg.eval_tokens)
+        loss, _ = mean_loss(
+            model,
+            val_tokens,
+            context_length=ctx,
+            batch_size=cfg.batch_size,
+            device=device,
+            autocast_dtype=amp_dtype,
+            max_tokens=cfg.eval_tokens,
+        )
         on_metrics(step, {"val_loss_estimate": loss})
         return loss
 
@@ -160,12 +167,15 @@ def train(
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
             window = losses[-cfg.log_interval :]
-            on_metrics(done, {
-                "train_loss": sum(window) / len(window),
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "tokens_per_second": statistics.median(rates[-cfg.log_interval :]),
-            })
+            on_metrics(
+                done,
+                {
+                    "train_loss": sum(window) / len(window),
+                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens_per_second": statistics.median(rates[-cfg.log_interval :]),
+                },
+            )
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             val_loss = validate(done)
 
@@ -174,7 +184,7 @@ def train(
     if checkpoint_dir is not None:
         state = {"step": cfg.max_steps, "val_loss_estimate": val_loss, **(checkpoint_state or {})}
         checkpoint = save_checkpoint(Path(checkpoint_dir) / "final", model, state)
-    steady = rates[min(len(rates) - 1, 5):] if rates else [0.0]  # skip warm-up steps
+    steady = rates[min(len(rates) - 1, 5) :] if rates else [0.0]  # skip warm-up steps
     return TrainResult(
         steps=cfg.max_steps,
         train_loss=losses[-1] if losses else float("nan"),

@@ -21,5 +21,15 @@ def tiny_gpt() -> GPTConfig:
 
 @pytest.fixture
 def tiny_train() -> TrainConfig:
-    return TrainConfig(max_steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=2, eval_interval=3,
-                       eval_tokens=64, log_interval=2, precision="fp32", device="cpu", seed=0)
+    return TrainConfig(
+        max_steps=6,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        eval_interval=3,
+        eval_tokens=64,
+        log_interval=2,
+        precision="fp32",
+        device="cpu",
+        seed=0,
+    )

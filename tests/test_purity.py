@@ -31,7 +31,15 @@ def test_lm_files_import_no_orchestration_or_tracking():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-@pytest.mark.parametrize("line", ["import mlflow", "from prefect import flow", "import flows.tasks",
-                                  "from mlflow.tracking import MlflowClient", "__import__('prefect')"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "import mlflow",
+        "from prefect import flow",
+        "import flows.tasks",
+        "from mlflow.tracking import MlflowClient",
+        "__import__('prefect')",
+    ],
+)
 def test_the_check_catches_each_form(line):
     assert forbidden_imports(f"x = 1\n{line}\n")

@@ -72,9 +72,7 @@ def _title(md: str, path: Path) -> str:
 
 
 def _opens_italic(line: str) -> bool:
-    return (line.startswith("_") and not line.startswith("__")) or (
-        line.startswith("*") and not line.startswith("**")
-    )
+    return (line.startswith("_") and not line.startswith("__")) or (line.startswith("*") and not line.startswith("**"))
 
 
 def _plain(line: str) -> str:

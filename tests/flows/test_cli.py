@@ -24,8 +24,11 @@ def test_broken_config_lists_all_three_paths_and_exits_2(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", "--config", "broken.yaml"])
     assert result.exit_code == 2
     out = result.output
-    for path in ("pipelines.shakespeare.model.num_layers", "pipelines.shakespeare.model.context_length",
-                 "pipelines.shakespeare.train.precision"):
+    for path in (
+        "pipelines.shakespeare.model.num_layers",
+        "pipelines.shakespeare.model.context_length",
+        "pipelines.shakespeare.train.precision",
+    ):
         assert path in out
     assert list(tmp_path.iterdir()) == [tmp_path / "broken.yaml"]  # no mlruns/, no .lmp/
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flows.config import ConfigError, PipelineSpec, load_pipelines, parse_pipelines
 from lm.models import build_model
@@ -26,7 +27,7 @@ def test_default_pipeline_is_the_shakespeare_gpt():
 
 
 def test_specs_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         SHIPPED.get("smoke").train.max_steps = 1
 
 
@@ -67,14 +68,17 @@ def test_unknown_pipeline_names_the_available_ones():
         SHIPPED.get("nope")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("default: b\npipelines:\n  a: {}\n", "default: Value error, 'b' is not one of the pipelines"),
-    ("default: A\npipelines:\n  A: {}\n", "are not valid"),
-    ("pipelines: {}\n", "default: Field required"),
-    ("- just a list\n", "expected a mapping"),
-    ("default: a\npipelines:\n  a: {model: {embed_dim: 30, num_heads: 4}}\n", "divisible by num_heads"),
-    ("default: a\npipelines:\n  a: {model: {kind: rnn}}\n", "pipelines.a.model.kind"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("default: b\npipelines:\n  a: {}\n", "default: Value error, 'b' is not one of the pipelines"),
+        ("default: A\npipelines:\n  A: {}\n", "are not valid"),
+        ("pipelines: {}\n", "default: Field required"),
+        ("- just a list\n", "expected a mapping"),
+        ("default: a\npipelines:\n  a: {model: {embed_dim: 30, num_heads: 4}}\n", "divisible by num_heads"),
+        ("default: a\npipelines:\n  a: {model: {kind: rnn}}\n", "pipelines.a.model.kind"),
+    ],
+)
 def test_structural_mistakes(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_pipelines(text)

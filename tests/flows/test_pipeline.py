@@ -16,8 +16,7 @@ def smoke_spec():
     return load_pipelines(ROOT / "pipelines.yaml").get("smoke")
 
 
-def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store, smoke_spec, tmp_path,
-                                                   monkeypatch):
+def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store, smoke_spec, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -60,8 +59,7 @@ def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store
     assert len(out) == 2 and out[0].startswith("ROMEO:\n") and len(out[0]) == len("ROMEO:\n") + 12
 
 
-def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, mlflow_store, smoke_spec,
-                                                              tmp_path):
+def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, mlflow_store, smoke_spec, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import lm_pipeline

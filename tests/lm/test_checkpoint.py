@@ -13,7 +13,7 @@ def test_round_trip_keeps_weights_and_state(tiny_gpt, tmp_path):
     b = build_model(tiny_gpt, vocab_size=11)
     state = load_checkpoint(tmp_path / "ck", b)
     assert state == {"step": 7}
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     assert b.lm_head.weight.data_ptr() == b.token_embedding.weight.data_ptr()
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["MANIFEST.json", "model.safetensors", "state.json"]

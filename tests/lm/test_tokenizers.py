@@ -3,7 +3,13 @@ import pytest
 
 from lm.config import TokenizerConfig
 from lm.tokenizers import (
-    UNK, CharTokenizer, encode_array, load_tokenizer, open_tokens, tokenize_corpus, tokenizer_digest,
+    UNK,
+    CharTokenizer,
+    encode_array,
+    load_tokenizer,
+    open_tokens,
+    tokenize_corpus,
+    tokenizer_digest,
     write_tokens,
 )
 

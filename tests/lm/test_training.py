@@ -45,7 +45,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(55, cfg) == pytest.approx(0.55)
     assert lr_at(100, cfg) == pytest.approx(0.1)
     values = [lr_at(s, cfg) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 def test_batches_are_seeded():
@@ -64,11 +64,28 @@ def test_too_little_data_is_a_clear_error():
 def test_train_reports_metrics_learns_and_writes_a_verified_checkpoint(tiny_gpt, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_gpt, vocab_size=11)
-    cfg = TrainConfig(max_steps=60, batch_size=8, learning_rate=1e-2, warmup_steps=5, eval_interval=30,
-                      eval_tokens=256, log_interval=10, precision="fp32", device="cpu", seed=0)
+    cfg = TrainConfig(
+        max_steps=60,
+        batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=5,
+        eval_interval=30,
+        eval_tokens=256,
+        log_interval=10,
+        precision="fp32",
+        device="cpu",
+        seed=0,
+    )
     seen: list[tuple[int, dict]] = []
-    result = train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: seen.append((s, dict(m))),
-                   checkpoint_dir=tmp_path, checkpoint_state={"note": "x"})
+    result = train(
+        model,
+        _tokens(),
+        _tokens(seed=1),
+        cfg,
+        on_metrics=lambda s, m: seen.append((s, dict(m))),
+        checkpoint_dir=tmp_path,
+        checkpoint_state={"note": "x"},
+    )
     train_steps = [s for s, m in seen if "train_loss" in m]
     assert train_steps == [10, 20, 30, 40, 50, 60]
     assert [s for s, m in seen if "val_loss_estimate" in m] == [30, 60]
@@ -82,8 +99,16 @@ def test_train_reports_metrics_learns_and_writes_a_verified_checkpoint(tiny_gpt,
 def test_bf16_autocast_trains_on_cpu(tiny_gpt):
     torch.manual_seed(0)
     model = build_model(tiny_gpt, vocab_size=11)
-    cfg = TrainConfig(max_steps=3, batch_size=2, warmup_steps=1, eval_interval=3, eval_tokens=64,
-                      log_interval=1, precision="bf16", device="cpu")
+    cfg = TrainConfig(
+        max_steps=3,
+        batch_size=2,
+        warmup_steps=1,
+        eval_interval=3,
+        eval_tokens=64,
+        log_interval=1,
+        precision="bf16",
+        device="cpu",
+    )
     result = train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: None)
     assert math.isfinite(result.train_loss)
     assert next(model.parameters()).dtype == torch.float32  # weights stay fp32 under autocast
@@ -93,7 +118,8 @@ def test_non_finite_loss_stops_training(tiny_gpt):
     model = build_model(tiny_gpt, vocab_size=11)
     with torch.no_grad():
         model.token_embedding.weight.fill_(float("nan"))
-    cfg = TrainConfig(max_steps=20, batch_size=2, warmup_steps=1, eval_interval=20, eval_tokens=64,
-                      precision="fp32", device="cpu")
+    cfg = TrainConfig(
+        max_steps=20, batch_size=2, warmup_steps=1, eval_interval=20, eval_tokens=64, precision="fp32", device="cpu"
+    )
     with pytest.raises(TrainingError, match="non-finite for 5 steps"):
         train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: None)
