@@ -32,9 +32,8 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str) -> dict:
 
 @task(name="train", **OPTS)
 def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
-    sink = tracking.MetricSink(run_id)
     out = Path(workdir) / "runs" / run_id
-    try:
+    with tracking.MetricSink(run_id) as sink:
         result = stages.fit(
             tokens,
             spec.model,
@@ -43,13 +42,8 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
             on_metrics=sink,
             on_start=lambda card: tracking.log_params(run_id, card),
         )
-    finally:
-        sink.flush()
-    tracking.log_metrics(
-        run_id,
-        {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]},
-        step=result["steps"],
-    )
+    summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
+    tracking.log_metrics(run_id, summary, step=result["steps"])
     return result
 
 

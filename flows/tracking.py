@@ -127,6 +127,12 @@ class MetricSink:
         self.buffer.clear()
         self.last_flush = time.monotonic()
 
+    def __enter__(self) -> MetricSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()  # rows reported before a failure are kept too
+
 
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
