@@ -7,5 +7,6 @@ for _key, _value in {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
+from lm.errors import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -72,9 +73,13 @@ def run(
         TextColumn("{task.fields[rate]:,.0f} tok/s"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        with tracking.listening(_progress_listener(progress, spec)):
-            result = lm_pipeline(spec, workdir=str(WORK_DIR))
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            with tracking.listening(_progress_listener(progress, spec)):
+                result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()))
+    except DataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
     wall = time.perf_counter() - started
     metrics = result["metrics"]
     table = Table(title=f"{spec.name}: done", show_header=False)
@@ -90,6 +95,24 @@ def run(
     console.print(table)
     console.print("[bold]sample[/bold]")
     console.print(result["sample"], markup=False, highlight=False)
+
+
+@app.command()
+def plan(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
+    config: ConfigOption = Path("pipelines.yaml"),
+) -> None:
+    """Say, without running anything, which stages the next run reuses from cache and why the others run."""
+    from lm.plan import plan as make_plan
+
+    spec = _spec(config, pipeline)
+    table = Table(title=f"plan: {spec.name}")
+    for column in ("stage", "status", "reason"):
+        table.add_column(column)
+    for step in make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd()):
+        status = "[green]cached[/green]" if step.status == "cached" else "[yellow]run[/yellow]"
+        table.add_row(step.stage, status, step.reason)
+    console.print(table)
 
 
 @app.command("list")

@@ -12,7 +12,16 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from lm.config import DataConfig, EvalConfig, Frozen, ModelConfig, TokenizerConfig, TrainConfig
+from lm.config import (
+    BuiltinData,
+    CharTokenizerConfig,
+    DataConfig,
+    EvalConfig,
+    Frozen,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_FILE_BYTES = 1 << 20
@@ -33,8 +42,8 @@ class PipelineSpec(Frozen):
     name: str
     """Registered-model name and MLflow experiment name; filled in from the YAML key."""
     description: str = ""
-    data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = Field(default_factory=BuiltinData)
+    tokenizer: TokenizerConfig = Field(default_factory=CharTokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -7,28 +7,29 @@ from prefect.runtime import flow_run
 
 from flows import tasks, tracking
 from flows.config import PipelineSpec
+from lm.plan import record_success
+from lm.sources import describe
 
 
 @flow(name="lm-pipeline", flow_run_name="{spec.name}", validate_parameters=False)
-def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp") -> dict:
-    """Run one pipeline end to end; returns the run id, metrics, sample and registered version."""
-    log = get_run_logger()
+def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".") -> dict:
+    """Run one pipeline end to end; returns the run id, metrics, sample and registered version.
+
+    ``workdir`` holds stage outputs and caches; relative data paths are resolved against ``base_dir``.
+    """
+    context = spec.model.context_length
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
     with tracking.tracked_run(spec.name, run_name=str(flow_run.name or spec.name), tags=tags) as run_id:
         tracking.log_params(run_id, tracking.flatten("", spec.model_dump(mode="json", exclude={"name"})))
-        corpus = tasks.ingest(spec.data, workdir, spec.model.context_length)
-        tokens = tasks.tokenize(corpus, spec.tokenizer, workdir)
+        corpus = tasks.ingest(spec.data, workdir, base_dir, context)
+        tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
+        tracking.log_dataset(run_id, corpus, describe(spec.data))
         tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
-        log.info(
-            "data %s: %d documents, %d tokens",
-            corpus["digest"][:12],
-            corpus["documents"],
-            tokens["train_tokens"] + tokens["val_tokens"],
-        )
         trained = tasks.train(tokens, spec, run_id, workdir)
         evaluated = tasks.evaluate(tokens, trained, spec, run_id)
         registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
-        log.info("registered %s", registered["uri"])
+        get_run_logger().info("registered %s", registered["uri"])
+    record_success(workdir, spec.name, corpus["inputs"], tokens["inputs"])
     return {
         "run_id": run_id,
         "metrics": evaluated["metrics"],
@@ -36,4 +37,5 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp") -> dict:
         "registered": registered,
         "train": trained,
         "data_digest": corpus["digest"],
+        "stages": {"ingest": corpus["cached"], "tokenize": tokens["cached"]},
     }

@@ -38,6 +38,11 @@ class TextGenerator(PythonModel):
         model = build_model(GPTConfig.model_validate(config["model"]), config["vocab_size"])
         self.model = load_weights(context.artifacts["weights"], model).eval()
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
+        if self.tokenizer.vocab_size != config["vocab_size"]:
+            raise ValueError(
+                f"tokenizer.json has {self.tokenizer.vocab_size} ids but the model was built for "
+                f"{config['vocab_size']}: the package mixes files from different runs"
+            )
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         from lm.generation import GENERATION_DEFAULTS, generate

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows import registry, tracking
@@ -20,14 +20,30 @@ from lm.config import DataConfig, TokenizerConfig
 OPTS = {"cache_policy": NONE, "persist_result": False}
 
 
+def _report(stage: str, result: dict) -> None:
+    """One line per stage saying whether it was cached, plus any warnings about the input."""
+    log = get_run_logger()
+    digest = result.get("digest") or result.get("key")
+    state = "cached" if result.get("cached") else "built"
+    log.info("%s: %s, digest %s… %s", stage, state, digest[:12], result.get("counts") or result.get("tokens"))
+    for skipped in result.get("skipped") or []:
+        log.warning("%s: %s", stage, skipped)
+    if result.get("replaced_chars"):
+        log.warning("%s: replaced %d undecodable byte sequences with U+FFFD", stage, result["replaced_chars"])
+
+
 @task(name="ingest", **OPTS)
-def ingest(data: DataConfig, workdir: str, context_length: int) -> dict:
-    return stages.ingest(data, Path(workdir) / "data", context_length=context_length)
+def ingest(data: DataConfig, workdir: str, base_dir: str, context_length: int) -> dict:
+    corpus = stages.ingest(data, Path(workdir) / "data", base_dir=Path(base_dir), context_length=context_length)
+    _report("ingest", corpus)
+    return corpus
 
 
 @task(name="tokenize", **OPTS)
-def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str) -> dict:
-    return stages.tokenize(corpus, tokenizer, Path(workdir) / "tokens")
+def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_length: int) -> dict:
+    tokens = stages.tokenize(corpus, tokenizer, Path(workdir) / "tokens", context_length=context_length)
+    _report("tokenize", tokens)
+    return tokens
 
 
 @task(name="train", **OPTS)

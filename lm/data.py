@@ -1,26 +1,28 @@
-"""Sources → cleaned documents → train/validation split, written once under a content digest.
+"""Sources → cleaned documents → train/validation/test split, written once under a content digest.
 
-A corpus directory holds ``train.txt``, ``val.txt`` and ``manifest.json``; its name is the digest of
-its contents, so the same documents and split always land in the same place.
+A corpus directory ``<root>/<digest[:16]>`` holds ``train.txt``, ``val.txt`` (``test.txt``) and
+``manifest.json``. The ingest cache key digests what the corpus depends on — the source spec, the
+source files' contents, the cleaning and split configs and this code — and ``<root>/index/<key>.json``
+points at the corpus it produced. A hit is re-verified against the files on disk before it is trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lm.atomic import atomic_dir
-from lm.config import DataConfig
-from lm.corpora.shakespeare import Document, load_plays
+from lm import sources
+from lm.atomic import atomic_dir, atomic_write_bytes
+from lm.config import CleanConfig, DataConfig, SplitConfig
+from lm.corpora.shakespeare import Document
+from lm.errors import DataError
+from lm.versions import code_digest
 
 DOC_SEPARATOR = "\n\n"
-
-
-class DataError(ValueError):
-    """Bad or insufficient input data; the message names the source and the counts."""
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -30,95 +32,187 @@ class Corpus:
     path: Path
     digest: str
     documents: int
-    train_chars: int
-    val_chars: int
+    chars: dict[str, int]
+    cached: bool = False
 
-    @property
-    def train_path(self) -> Path:
-        return self.path / "train.txt"
-
-    @property
-    def val_path(self) -> Path:
-        return self.path / "val.txt"
+    def split_path(self, split: str) -> Path:
+        return self.path / f"{split}.txt"
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
-    """The cleaned documents a data config selects, in a deterministic order."""
-    match cfg.source:
-        case "builtin":
-            docs = load_plays(plays=cfg.plays, stage_directions=cfg.stage_directions)
-    return [d for d in docs if d.text.strip()]
+# ---------------------------------------------------------------- cleaning and splitting
 
 
-def split_tail(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split at a line boundary so that roughly the last ``val_fraction`` of the text is validation."""
-    cut = int(len(text) * (1.0 - val_fraction))
+def clean(docs: list[Document], cfg: CleanConfig) -> tuple[list[Document], dict[str, int]]:
+    """Normalise newlines and Unicode, drop short and duplicate documents; returns the step counts."""
+    counts = {"documents_loaded": len(docs)}
+    out = []
+    for d in docs:
+        text = d.text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
+        if cfg.unicode != "none":
+            text = unicodedata.normalize(cfg.unicode, text)
+        out.append(Document(d.title, d.genre, text.strip("\n")))
+    out = [d for d in out if d.text.strip()]
+    counts["after_dropping_empty"] = len(out)
+    out = [d for d in out if len(d.text) >= cfg.min_chars]
+    counts["after_min_chars"] = len(out)
+    if cfg.dedupe:
+        seen: set[str] = set()
+        unique = []
+        for d in out:
+            h = hashlib.sha256(d.text.encode()).hexdigest()
+            if h not in seen:
+                seen.add(h)
+                unique.append(d)
+        out = unique
+    counts["after_dedupe"] = len(out)
+    return out, counts
+
+
+def split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """Split at a line boundary so that roughly the last ``fraction`` of the text is the second part."""
+    if fraction <= 0:
+        return text, ""
+    cut = int(len(text) * (1.0 - fraction))
     newline = text.rfind("\n", 0, cut)
     cut = newline + 1 if newline > 0 else cut
     return text[:cut], text[cut:]
 
 
-def corpus_digest(train: str, val: str) -> str:
-    """sha256 over the cleaned text and its split assignment."""
+def document_split(doc: Document, cfg: SplitConfig) -> str:
+    """The split a whole document belongs to: a seeded hash of its content, stable across runs."""
+    h = hashlib.sha256(f"{cfg.seed}\0{doc.text}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    if u < cfg.test_fraction:
+        return "test"
+    return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def split(docs: list[Document], cfg: SplitConfig, max_chars: int | None) -> dict[str, str]:
+    """train / val / test text (test may be empty) for the split ``cfg`` describes."""
+    if cfg.kind == "tail":
+        text = DOC_SEPARATOR.join(d.text for d in docs) + "\n"
+        text = text[:max_chars] if max_chars else text
+        rest, test = split_tail(text, cfg.test_fraction)
+        train, val = split_tail(rest, cfg.val_fraction / (1.0 - cfg.test_fraction))
+        return {"train": train, "val": val, "test": test}
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    total = 0
+    for d in docs:
+        if max_chars and total >= max_chars:
+            break
+        parts[document_split(d, cfg)].append(d.text)
+        total += len(d.text)
+    return {s: (DOC_SEPARATOR.join(p) + "\n" if p else "") for s, p in parts.items()}
+
+
+def corpus_digest(texts: dict[str, str]) -> str:
+    """sha256 over the cleaned text of every split (and so over the split assignment)."""
     h = hashlib.sha256()
-    for name, part in (("train", train), ("val", val)):
-        data = part.encode("utf-8")
+    for name in SPLITS:
+        data = texts.get(name, "").encode("utf-8")
         h.update(f"{name}:{len(data)}\n".encode())
         h.update(data)
     return h.hexdigest()
 
 
-def build_corpus(cfg: DataConfig, root: Path, *, min_val_chars: int = 0) -> Corpus:
-    """Load, clean and split the documents of ``cfg`` into ``root/<digest>``; reuse it if present.
+# ---------------------------------------------------------------- the ingest stage, cached
 
-    ``min_val_chars`` is the smallest usable validation split (at least one context window + 1).
-    """
-    docs = load_documents(cfg)
-    if not docs:
-        raise DataError(f"data source {cfg.source!r} (plays={cfg.plays}) produced no documents")
-    text = DOC_SEPARATOR.join(d.text.strip("\n") for d in docs) + "\n"
-    if cfg.max_chars is not None:
-        text = text[: cfg.max_chars]
-    train, val = split_tail(text, cfg.val_fraction)
-    if len(val) < min_val_chars or not train:
-        raise DataError(
-            f"data source {cfg.source!r}: {len(docs)} documents, {len(text)} characters give a "
-            f"validation split of {len(val)} characters, fewer than the {min_val_chars} needed "
-            "(one context window + 1); raise max_chars or val_fraction, or shorten context_length"
-        )
-    digest = corpus_digest(train, val)
-    target = root / digest[:16]
-    corpus = Corpus(target, digest, len(docs), len(train), len(val))
-    if _manifest_matches(target, digest):
-        return corpus
-    manifest = asdict(corpus) | {
-        "path": None,
-        "source": cfg.source,
-        "titles": [d.title for d in docs],
-        "train_bytes": len(train.encode()),
-        "val_bytes": len(val.encode()),
+
+def ingest_inputs(cfg: DataConfig, base_dir: Path) -> dict:
+    """Everything the corpus depends on, as JSON: the cache key is its digest; `lmp plan` diffs it."""
+    return {
+        "source": cfg.model_dump(mode="json", exclude={"clean", "split", "max_chars"}),
+        "source_files": sources.fingerprint(cfg, Path(base_dir)),
+        "clean": cfg.clean.model_dump(mode="json"),
+        "split": cfg.split.model_dump(mode="json"),
+        "max_chars": cfg.max_chars,
+        "code": code_digest("lm.data", "lm.sources", "lm.corpora.shakespeare"),
     }
-    with atomic_dir(target) as tmp:
-        (tmp / "train.txt").write_text(train, encoding="utf-8")
-        (tmp / "val.txt").write_text(val, encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return corpus
 
 
-def _manifest_matches(path: Path, digest: str) -> bool:
+def inputs_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def cached_corpus(root: Path, key: str) -> Corpus | None:
+    """The corpus an earlier ingest with this key produced, if it is still intact on disk."""
     try:
-        return json.loads((path / "manifest.json").read_text())["digest"] == digest
+        entry = json.loads((Path(root) / "index" / f"{key}.json").read_text())
+        path = Path(root) / entry["digest"][:16]
+        manifest = json.loads((path / "manifest.json").read_text())
+        texts = {s: path.joinpath(f"{s}.txt").read_text(encoding="utf-8") for s in manifest["chars"]}
     except (OSError, ValueError, KeyError):
-        return False
+        return None
+    if corpus_digest(texts) != entry["digest"]:
+        return None  # edited or truncated on disk: rebuild, never trust
+    return Corpus(path, entry["digest"], manifest["documents"], manifest["chars"], cached=True)
+
+
+def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int = 2) -> tuple[Corpus, dict]:
+    """Load, clean and split into ``root/<digest>``, or reuse the cached result. Returns (corpus, report).
+
+    ``min_chars``: every non-empty split must exceed this (a context window + 1), else DataError.
+    """
+    root = Path(root)
+    inputs = ingest_inputs(cfg, base_dir)
+    key = inputs_key(inputs)
+    if (hit := cached_corpus(root, key)) is not None:
+        return hit, {"cached": True, "key": key, "inputs": inputs}
+    docs, load_report = sources.load(cfg, Path(base_dir), root / "cache")
+    name = sources.describe(cfg)
+    if not docs:
+        raise DataError(f"data source {name} produced no documents ({len(load_report.skipped)} files skipped)")
+    docs, counts = clean(docs, cfg.clean)
+    if not docs:
+        raise DataError(f"data source {name}: every document was filtered out by cleaning ({counts})")
+    texts = split(docs, cfg.split, cfg.max_chars)
+    _check_sizes(name, texts, cfg.split, min_chars, len(docs))
+    digest = corpus_digest(texts)
+    chars = {s: len(t) for s, t in texts.items() if t}
+    corpus = Corpus(root / digest[:16], digest, len(docs), chars)
+    report = {
+        "cached": False,
+        "key": key,
+        "counts": counts,
+        "skipped": load_report.skipped,
+        "replaced_chars": load_report.replaced_chars,
+    }
+    manifest = {
+        "digest": digest,
+        "source": name,
+        "documents": len(docs),
+        "chars": chars,
+        "bytes": {s: len(t.encode()) for s, t in texts.items() if t},
+        "titles": [d.title for d in docs],
+        "genres": [d.genre for d in docs],
+        **report,
+    }
+    report["inputs"] = inputs
+    with atomic_dir(corpus.path) as tmp:  # replaces a damaged copy whole
+        for s, text in texts.items():
+            if text:
+                (tmp / f"{s}.txt").write_text(text, encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    atomic_write_bytes(root / "index" / f"{key}.json", json.dumps({"digest": digest, "inputs": inputs}).encode())
+    return corpus, report
+
+
+def _check_sizes(name: str, texts: dict[str, str], cfg: SplitConfig, min_chars: int, documents: int) -> None:
+    wanted = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
+    short = {s: len(texts[s]) for s in wanted if len(texts[s]) < min_chars}
+    if short:
+        sizes = ", ".join(f"{s}: {n} characters" for s, n in short.items())
+        raise DataError(
+            f"data source {name}: {documents} documents, {sum(map(len, texts.values()))} characters; split "
+            f"too short ({sizes}), each needs more than {min_chars - 1} (one context window + 1). Add data, "
+            "raise the split fractions or max_chars, or shorten model.context_length"
+        )
 
 
 def read_manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
+    return json.loads((Path(path) / "manifest.json").read_text())
 
 
-_WS = re.compile(r"[ \t]+\n")
-
-
-def normalise_newlines(text: str) -> str:
-    """CRLF/CR → LF and no trailing spaces."""
-    return _WS.sub("\n", text.replace("\r\n", "\n").replace("\r", "\n"))
+def summary(corpus: Corpus, report: dict) -> dict:
+    """JSON-serialisable result of the ingest stage."""
+    return asdict(corpus) | {"path": str(corpus.path)} | report

@@ -9,36 +9,35 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm.checkpoint import load_checkpoint
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
-from lm.data import build_corpus
+from lm.data import build_corpus, summary
 from lm.evaluation import PROTOCOL, lm_metrics, mean_loss
 from lm.generation import generate
 from lm.models import build_model
-from lm.tokenizers import load_tokenizer, open_tokens, tokenize_corpus
+from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
+from lm.tokenizers import load_tokenizer
 from lm.training import MetricSink, resolve_device, resolve_precision, train
 
 
-def ingest(cfg: DataConfig, root: Path, *, context_length: int) -> dict:
-    """Clean and split the corpus into ``root/<digest>``; returns path, digest and counts."""
-    corpus = build_corpus(cfg, Path(root), min_val_chars=context_length + 1)
-    return asdict(corpus) | {"path": str(corpus.path)}
+def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) -> dict:
+    """Clean and split the corpus into ``root/<digest>`` (or reuse it); returns path, digest, counts."""
+    corpus, report = build_corpus(cfg, Path(root), base_dir=Path(base_dir), min_chars=context_length + 1)
+    return summary(corpus, report)
 
 
-def tokenize(corpus: dict, cfg: TokenizerConfig, root: Path) -> dict:
-    """Train the tokenizer on the training split and write token files; returns their manifest."""
-    path = Path(corpus["path"])
-    return tokenize_corpus(path / "train.txt", path / "val.txt", corpus["digest"], cfg, Path(root))
+def tokenize(corpus: dict, cfg: TokenizerConfig, root: Path, *, context_length: int) -> dict:
+    """Train the tokenizer on the training split and write token files (or reuse them); the manifest."""
+    return tokenize_corpus(Path(corpus["path"]), corpus["digest"], cfg, Path(root), min_tokens=context_length + 1)
 
 
-def _splits(tokens: dict):
-    path = Path(tokens["path"])
-    return (open_tokens(path / "train.bin", tokens["dtype"]), open_tokens(path / "val.bin", tokens["dtype"]))
+def _split(tokens: dict, split: str) -> np.memmap:
+    return open_tokens(Path(tokens["path"]) / f"{split}.bin", tokens["dtype"])
 
 
 def model_card(model: torch.nn.Module) -> dict:
@@ -65,7 +64,10 @@ def fit(
     card = model_card(model)
     if on_start is not None:
         on_start(card)
-    train_split, val_split = _splits(tokens)
+    train_split, val_split = _split(tokens, "train"), _split(tokens, "val")
+    check_vocabulary(
+        train_split, tokens["vocab_size"], tokenizer_digest=tokens["tokenizer_digest"], model_vocab=model.vocab_size
+    )
     state = {
         "model": model_cfg.model_dump(mode="json"),
         "vocab_size": tokens["vocab_size"],
@@ -104,7 +106,7 @@ def evaluate(
     device = resolve_device(train_cfg.device)
     amp_dtype = resolve_precision(train_cfg.precision, device)
     model = load_trained(checkpoint, model_cfg, tokens["vocab_size"]).to(device)
-    _, val_split = _splits(tokens)
+    val_split = _split(tokens, "val")
     loss, count = mean_loss(
         model,
         val_split,
@@ -114,7 +116,7 @@ def evaluate(
         autocast_dtype=amp_dtype,
     )
     # Characters covered by the predicted tokens (all but the first), for bits per character.
-    chars = tokens["val_chars"] * count / tokens["val_tokens"]
+    chars = tokens["chars"]["val"] * count / tokens["tokens"]["val"]
     tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
     new = generate(
         model,

@@ -1,4 +1,4 @@
-"""Tokenizers behind one protocol, saved as JSON, plus token shards as numpy memmaps."""
+"""Tokenizers behind one protocol, saved as JSON: characters, or byte-level BPE (HF `tokenizers`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from lm.atomic import atomic_dir, atomic_write_bytes
-from lm.config import TokenizerConfig
+from lm.atomic import atomic_write_bytes
+from lm.config import BPETokenizerConfig, TokenizerConfig
 
 UNK = "\ufffd"
 
@@ -78,21 +78,85 @@ class CharTokenizer:
         atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
 
 
+class BPETokenizer:
+    """Byte-level BPE from HF `tokenizers`: lossless on any text; saved in HF's own tokenizer.json format."""
+
+    kind = "bpe"
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    @classmethod
+    def train(cls, text: str, cfg: BPETokenizerConfig) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        if cfg.normalization != "none":
+            hf.normalizer = getattr(normalizers, cfg.normalization)()
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=list(cfg.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode in line-aligned chunks, in parallel (line ends are pre-token boundaries)."""
+        chunks = list(_line_chunks(text))
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in self.hf.encode_batch(chunks)]
+        flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        return flat.astype(token_dtype(self.vocab_size))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
+
+
+def _line_chunks(text: str, lines_per_chunk: int = 256):
+    lines = text.splitlines(keepends=True)
+    for i in range(0, len(lines), lines_per_chunk):
+        yield "".join(lines[i : i + lines_per_chunk])
+
+
 def train_tokenizer(cfg: TokenizerConfig, text: str) -> Tokenizer:
     """Build the tokenizer ``cfg`` describes from the training text."""
     match cfg.kind:
         case "char":
             return CharTokenizer.train(text)
+        case "bpe":
+            return BPETokenizer.train(text, cfg)
+    raise ValueError(f"unknown tokenizer kind {cfg.kind!r}")
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a tokenizer saved by ``save``; the JSON names its kind."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    match data.get("kind"):
-        case "char":
-            return CharTokenizer(data["chars"])
-        case other:
-            raise ValueError(f"{path}: unknown tokenizer kind {other!r}")
+    """Load a tokenizer saved by ``save``: our char JSON, or an HF tokenizer.json."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text)
+    if data.get("kind") == "char":
+        return CharTokenizer(data["chars"])
+    if isinstance(data.get("model"), dict) and data["model"].get("type") == "BPE":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(text))
+    raise ValueError(f"{path}: unknown tokenizer kind {data.get('kind') or data.get('model', {}).get('type')!r}")
 
 
 def tokenizer_digest(tok: Tokenizer) -> str:
@@ -110,54 +174,3 @@ def encode_array(tok: Tokenizer, text: str) -> np.ndarray:
     if hasattr(tok, "encode_array"):
         return tok.encode_array(text)
     return np.asarray(tok.encode(text), dtype=token_dtype(tok.vocab_size))
-
-
-def write_tokens(path: Path, ids: np.ndarray) -> None:
-    """Write ids as a raw array file, readable with ``np.memmap`` (see ``open_tokens``)."""
-    atomic_write_bytes(Path(path), np.ascontiguousarray(ids).tobytes())
-
-
-def open_tokens(path: Path, dtype: str) -> np.memmap:
-    """Memory-map a token file written by ``write_tokens``."""
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
-
-
-TOKENIZE_VERSION = "1"  # bump when tokenization output changes for the same inputs
-
-
-def tokenize_corpus(train_path: Path, val_path: Path, data_digest: str, cfg: TokenizerConfig, root: Path) -> dict:
-    """Train the tokenizer on the training split and write both splits as token files.
-
-    Output ``root/<key>/``: ``tokenizer.json``, ``train.bin``, ``val.bin``, ``manifest.json``. The key
-    digests the data digest, the tokenizer config and ``TOKENIZE_VERSION``; an existing complete
-    directory is reused. Returns the manifest.
-    """
-    key = hashlib.sha256(f"{data_digest}|{cfg.digest()}|{TOKENIZE_VERSION}".encode()).hexdigest()
-    target = Path(root) / key[:16]
-    manifest_path = target / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key:
-            return manifest | {"path": str(target)}
-    train_text = Path(train_path).read_text(encoding="utf-8")
-    val_text = Path(val_path).read_text(encoding="utf-8")
-    tok = train_tokenizer(cfg, train_text)
-    train_ids, val_ids = encode_array(tok, train_text), encode_array(tok, val_text)
-    manifest = {
-        "key": key,
-        "data_digest": data_digest,
-        "tokenizer_digest": tokenizer_digest(tok),
-        "vocab_size": tok.vocab_size,
-        "dtype": np.dtype(train_ids.dtype).name,
-        "train_tokens": int(train_ids.size),
-        "val_tokens": int(val_ids.size),
-        "train_chars": len(train_text),
-        "val_chars": len(val_text),
-        "val_bytes": len(val_text.encode("utf-8")),
-    }
-    with atomic_dir(target) as tmp:
-        tok.save(tmp / "tokenizer.json")
-        write_tokens(tmp / "train.bin", train_ids)
-        write_tokens(tmp / "val.bin", val_ids)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest | {"path": str(target)}

@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# No network here: hub look-ups fail at once instead of retrying (local dataset folders still load).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lm.config import GPTConfig, TrainConfig  # noqa: E402
 

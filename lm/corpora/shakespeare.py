@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm.errors import DataError
+
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 
 
@@ -42,14 +44,18 @@ def play_files() -> list[tuple[str, Path]]:
     return sorted((p.parent.name, p) for p in root.glob("*/*.md"))
 
 
-def load_plays(*, plays: tuple[str, ...] | None = None, stage_directions: bool = True) -> list[Document]:
-    """Every selected play as a Document; ``plays`` are file stems such as ``macbeth``."""
+def load_plays(
+    *, plays: tuple[str, ...] | None = None, genres: tuple[str, ...] | None = None, stage_directions: bool = True
+) -> list[Document]:
+    """Every selected play as a Document; ``plays`` are file stems such as ``macbeth``, ``genres`` folders."""
     files = play_files()
+    if genres is not None:
+        files = [(g, p) for g, p in files if g in set(genres)]
     if plays is not None:
         known = {p.stem for _, p in files}
         unknown = sorted(set(plays) - known)
         if unknown:
-            raise ValueError(f"data.plays: unknown play(s) {unknown}; available: {sorted(known)}")
+            raise DataError(f"data.plays: unknown play(s) {unknown}; available: {sorted(known)}")
         files = [(g, p) for g, p in files if p.stem in set(plays)]
     docs = []
     for genre, path in files:

@@ -19,6 +19,7 @@ class LanguageModel(Protocol):
     """``model(tokens, state=None) → LMOutput``; ``encode(tokens) → hidden`` for task heads."""
 
     context_length: int
+    vocab_size: int
 
     def __call__(self, tokens: torch.Tensor, state: Any = None) -> LMOutput: ...
 

@@ -65,6 +65,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.context_length = cfg.context_length
+        self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -64,7 +64,9 @@ def test_python_tags_are_refused_and_never_executed(tmp_path):
 
 
 def test_unknown_pipeline_names_the_available_ones():
-    with pytest.raises(KeyError, match="no pipeline named 'nope'; available: shakespeare-char-gpt, smoke"):
+    with pytest.raises(
+        KeyError, match="no pipeline named 'nope'; available: shakespeare-bpe-gpt, shakespeare-char-gpt, smoke"
+    ):
         SHIPPED.get("nope")
 
 

@@ -66,7 +66,7 @@ def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, m
     from lm.data import DataError
 
     tiny = smoke_spec.model_copy(update={"data": smoke_spec.data.model_copy(update={"max_chars": 30})})
-    with pytest.raises(DataError, match="validation split"):
+    with pytest.raises(DataError, match=r"split too short \(train: 27 characters, val: 3 characters\)"):
         lm_pipeline(tiny, workdir=str(tmp_path / ".lmp"))
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])

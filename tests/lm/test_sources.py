@@ -1,0 +1,145 @@
+"""Every source kind on real files the tests create: text, markdown, gzip, CSV, JSONL, Parquet, binary,
+non-UTF-8; and `hub` through the real `datasets.load_dataset` on a dataset folder saved locally."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from lm.config import FilesData, HubData
+from lm.sources import SourceError, decode, fingerprint, load
+
+LINE = "To be, or not to be, that is the question:\n"
+
+
+def files(tmp_path, *paths, **options):
+    return FilesData(source="files", paths=tuple(paths), **options)
+
+
+def texts(docs):
+    return [d.text for d in docs]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text(LINE * 3)
+    (root / "sub" / "b.md").write_text("Whether 'tis nobler in the mind to suffer\n")
+    (root / "c.txt.gz").write_bytes(gzip.compress(b"The slings and arrows\n"))
+    (root / "notes.bin").write_bytes(b"\x00\x01\x02binary\x00" * 50)
+    return root
+
+
+def test_a_folder_reads_every_text_file_and_skips_binaries_with_a_warning(tmp_path, folder):
+    docs, report = load(files(tmp_path, "corpus"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == [LINE * 3, "The slings and arrows\n", "Whether 'tis nobler in the mind to suffer\n"]
+    assert [d.title for d in docs] == ["a.txt", "c.txt.gz", "b.md"]
+    assert len(report.skipped) == 1 and "notes.bin" in report.skipped[0] and "binary" in report.skipped[0]
+
+
+def test_gzip_is_detected_by_content_not_name(tmp_path):
+    (tmp_path / "plain.txt").write_bytes(gzip.compress(LINE.encode()))
+    docs, _ = load(files(tmp_path, "plain.txt"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == [LINE]
+
+
+def test_globs_and_separators(tmp_path, folder):
+    (tmp_path / "scenes.txt").write_text("one\n===\ntwo\n===\nthree\n")
+    docs, _ = load(files(tmp_path, "scenes.txt", separator="===\n"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == ["one\n", "two\n", "three\n"]
+    docs, _ = load(files(tmp_path, "corpus/**/*.md"), tmp_path, tmp_path / "cache")
+    assert [d.title for d in docs] == ["b.md"]
+
+
+def test_non_utf8_strict_names_file_and_offset(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"latin1.txt: invalid UTF-8 at byte offset 3 .*encoding_errors: replace"):
+        load(files(tmp_path, "latin1.txt"), tmp_path, tmp_path / "cache")
+
+
+def test_non_utf8_replace_counts_replacements(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    docs, report = load(files(tmp_path, "latin1.txt", encoding_errors="replace"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == ["caf\ufffd cr\ufffdme"] and report.replaced_chars == 2
+
+
+def test_bom_is_dropped():
+    assert decode(b"\xef\xbb\xbfhello", "x", "strict") == ("hello", 0)
+
+
+def test_jsonl_csv_parquet_through_datasets_loaders(tmp_path):
+    rows = [{"text": "first line", "play": "a"}, {"text": "second line", "play": "b"}, {"text": "third", "play": "a"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "z.jsonl.gz").write_bytes(gzip.compress((tmp_path / "d.jsonl").read_bytes()))
+    for name in ("d.jsonl", "d.csv", "d.parquet", "z.jsonl.gz"):
+        docs, _ = load(files(tmp_path, name), tmp_path, tmp_path / "cache")
+        assert texts(docs) == ["first line\nsecond line\nthird"], name
+        grouped, _ = load(files(tmp_path, name, document_column="play"), tmp_path, tmp_path / "cache")
+        assert {d.title: d.text for d in grouped} == {"a": "first line\nthird", "b": "second line"}, name
+
+
+def test_missing_text_column_names_the_columns_that_exist(tmp_path):
+    (tmp_path / "d.csv").write_text("body,label\nhello,1\n")
+    with pytest.raises(SourceError, match=r"d.csv: no column 'text'; the columns are \['body', 'label'\]"):
+        load(files(tmp_path, "d.csv"), tmp_path, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (("missing.txt",), "'missing.txt' does not exist"),
+        (("empty",), "the folder 'empty' is empty"),
+        (("*.nothing",), r"the pattern '\*.nothing' matches no file"),
+    ],
+)
+def test_missing_inputs_are_named(tmp_path, paths, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=message):
+        load(files(tmp_path, *paths), tmp_path, tmp_path / "cache")
+
+
+def test_urls_are_refused_in_config():
+    with pytest.raises(ValueError, match="only local paths"):
+        FilesData(source="files", paths=("https://example.com/x.txt",))
+
+
+def test_fingerprint_changes_when_a_file_is_edited(tmp_path, folder):
+    cfg = files(tmp_path, "corpus")
+    before = fingerprint(cfg, tmp_path)
+    assert fingerprint(cfg, tmp_path) == before
+    (folder / "a.txt").write_text(LINE * 4)
+    after = fingerprint(cfg, tmp_path)
+    assert after != before and set(after["files"]) == set(before["files"])
+
+
+def test_hub_source_loads_a_local_dataset_with_the_real_loader(tmp_path):
+    repo = tmp_path / "my-dataset" / "data"
+    repo.mkdir(parents=True)
+    pd.DataFrame({"content": ["alpha beta", "gamma delta"]}).to_parquet(repo / "train-00000.parquet")
+    cfg = HubData(source="hub", dataset=str(tmp_path / "my-dataset"), text_column="content")
+    docs, _ = load(cfg, tmp_path, tmp_path / "cache")
+    assert texts(docs) == ["alpha beta", "gamma delta"]
+    with pytest.raises(SourceError, match=r"no column 'text'; the columns are \['content'\]"):
+        load(cfg.model_copy(update={"text_column": "text"}), tmp_path, tmp_path / "cache")
+
+
+def test_hub_source_saved_with_save_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "saved"))
+    docs, _ = load(HubData(source="hub", dataset=str(tmp_path / "saved")), tmp_path, tmp_path / "cache")
+    assert texts(docs) == ["one", "two"]
+
+
+def test_hub_offline_names_the_dataset_and_suggests_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = HubData(source="hub", dataset="someone/not-downloaded-corpus")
+    with pytest.raises(SourceError, match=r"'someone/not-downloaded-corpus' .* could not be loaded.*source: files"):
+        load(cfg, tmp_path, tmp_path / "cache")
