@@ -7,6 +7,7 @@ from prefect.runtime import flow_run
 
 from flows import tasks, tracking
 from flows.config import PipelineSpec
+from lm.config import flatten
 from lm.plan import record_success
 from lm.sources import describe
 
@@ -20,7 +21,7 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".") 
     context = spec.model.context_length
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
     with tracking.tracked_run(spec.name, run_name=str(flow_run.name or spec.name), tags=tags) as run_id:
-        tracking.log_params(run_id, tracking.flatten("", spec.model_dump(mode="json", exclude={"name"})))
+        tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
         corpus = tasks.ingest(spec.data, workdir, base_dir, context)
         tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
         tracking.log_dataset(run_id, corpus, describe(spec.data))

@@ -25,7 +25,8 @@ def _report(stage: str, result: dict) -> None:
     log = get_run_logger()
     digest = result.get("digest") or result.get("key")
     state = "cached" if result.get("cached") else "built"
-    log.info("%s: %s, digest %s… %s", stage, state, digest[:12], result.get("counts") or result.get("tokens"))
+    sizes = result.get("tokens") or {"documents": result.get("documents"), "chars": result.get("chars")}
+    log.info("%s: %s, digest %s… %s", stage, state, digest[:12], sizes)
     for skipped in result.get("skipped") or []:
         log.warning("%s: %s", stage, skipped)
     if result.get("replaced_chars"):

@@ -71,18 +71,8 @@ def tracked_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> Iter
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def flatten(prefix: str, value: object) -> dict[str, str]:
-    """Nested config → ``{"model.num_layers": "4", ...}`` for MLflow params."""
-    if isinstance(value, Mapping):
-        out: dict[str, str] = {}
-        for k, v in value.items():
-            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return {prefix: str(value)[:6000]}
-
-
 def log_params(run_id: str, params: Mapping[str, object]) -> None:
-    MlflowClient().log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:

@@ -10,7 +10,17 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """Nested mappings → dotted keys: ``{"model": {"num_layers": 4}}`` → ``{"model.num_layers": 4}``."""
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: value}
 
 
 class Frozen(BaseModel):
@@ -82,14 +92,20 @@ class FilesData(_DataBase):
     """Text files: split each file into documents at this string (default: one document per file)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """`strict`: undecodable bytes are an error naming file and offset; `replace`: U+FFFD, counted."""
+    allow_outside: bool = False
+    """Allow absolute paths, `..` and symlinks that lead outside the directory `lmp` runs in."""
 
-    @field_validator("paths")
-    @classmethod
-    def _local_only(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
-        remote = [p for p in paths if "://" in p]
+    @model_validator(mode="after")
+    def _local_only(self) -> FilesData:
+        remote = [p for p in self.paths if "://" in p]
         if remote:
             raise ValueError(f"{remote}: only local paths are read; download the data and point at the files")
-        return paths
+        outside = [p for p in self.paths if p.startswith(("/", "~")) or ".." in p.replace("\\", "/").split("/")]
+        if outside and not self.allow_outside:
+            raise ValueError(
+                f"{outside} lead outside the project directory; move the data in or set allow_outside: true"
+            )
+        return self
 
 
 class HubData(_DataBase):

@@ -209,10 +209,6 @@ def _check_sizes(name: str, texts: dict[str, str], cfg: SplitConfig, min_chars: 
         )
 
 
-def read_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text())
-
-
 def summary(corpus: Corpus, report: dict) -> dict:
     """JSON-serialisable result of the ingest stage."""
     return asdict(corpus) | {"path": str(corpus.path)} | report

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lm import data, shards
 from lm.atomic import atomic_write_bytes
-from lm.config import DataConfig, TokenizerConfig
+from lm.config import DataConfig, TokenizerConfig, flatten
 
 UNCACHED = ("train", "evaluate", "register")
 
@@ -37,15 +37,6 @@ def last_success(workdir: Path, pipeline: str) -> dict | None:
         return json.loads((Path(workdir) / "last" / f"{pipeline}.json").read_text())
     except (OSError, ValueError):
         return None
-
-
-def flatten(value: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        out: dict[str, object] = {}
-        for k, v in value.items():
-            out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return {prefix: value}
 
 
 def changes(before: dict | None, now: dict) -> list[str]:

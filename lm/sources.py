@@ -98,6 +98,12 @@ def resolve_files(cfg: FilesData, base_dir: Path) -> list[Path]:
             matches = [target]
         else:
             raise SourceError(f"data.paths: {entry!r} does not exist (looked in {base}); fix the path")
+        if not cfg.allow_outside:
+            escaped = [str(m) for m in matches if not m.resolve().is_relative_to(base.resolve())]
+            if escaped:
+                raise SourceError(
+                    f"data.paths: {escaped[:3]} resolve outside {base} (symlinks?); set allow_outside: true"
+                )
         found.update(dict.fromkeys(matches))
     return list(found)
 

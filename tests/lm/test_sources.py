@@ -143,3 +143,23 @@ def test_hub_offline_names_the_dataset_and_suggests_files(tmp_path, monkeypatch)
     cfg = HubData(source="hub", dataset="someone/not-downloaded-corpus")
     with pytest.raises(SourceError, match=r"'someone/not-downloaded-corpus' .* could not be loaded.*source: files"):
         load(cfg, tmp_path, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("path", ["../secrets.txt", "/etc/passwd", "data/../../x.txt", "~/notes.txt"])
+def test_paths_outside_the_project_are_refused_before_any_io(path):
+    with pytest.raises(ValueError, match="lead outside the project directory"):
+        FilesData(source="files", paths=(path,))
+    assert FilesData(source="files", paths=(path,), allow_outside=True).allow_outside
+
+
+def test_symlinks_out_of_the_project_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("private")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "link.txt").symlink_to(outside / "x.txt")
+    with pytest.raises(SourceError, match="resolve outside"):
+        load(files(project, "link.txt"), project, project / "cache")
+    docs, _ = load(files(project, "link.txt", allow_outside=True), project, project / "cache")
+    assert texts(docs) == ["private"]
