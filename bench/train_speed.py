@@ -67,8 +67,9 @@ def main() -> None:
         peak = matmul_peak(dtype)
         rate, flops = tokens_per_second(spec, precision, args.steps)
         rows.append((precision, rate, peak / 1e9, flops * rate / peak))
+    width = getattr(spec.model, "hidden_dim", spec.model.embed_dim)
     print(
-        f"\n{args.pipeline}: {spec.model.num_layers}×{spec.model.embed_dim}, context {spec.model.context_length}, "
+        f"\n{args.pipeline}: {spec.model.kind} {spec.model.num_layers}×{width}, context {spec.model.context_length}, "
         f"batch {spec.train.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(f"{'precision':<10}{'tokens/s':>10}{'peak GFLOP/s':>14}{'MFU':>8}")

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,7 +29,7 @@ def _load(config: Path) -> PipelinesFile:
     try:
         return load_pipelines(config)
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -37,7 +38,7 @@ def _spec(config: Path, name: str | None) -> PipelineSpec:
     try:
         return pipelines.get(name)
     except KeyError as e:
-        err.print(f"[red]error:[/red] {e.args[0]} (in {config})", highlight=False)
+        err.print(f"[red]error:[/red] {escape(e.args[0])} (in {escape(str(config))})", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -78,7 +79,7 @@ def run(
             with tracking.listening(_progress_listener(progress, spec)):
                 result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()))
     except DataError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     wall = time.perf_counter() - started
     metrics = result["metrics"]
@@ -126,7 +127,8 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     for name, spec in pipelines.pipelines.items():
         marker = " (default)" if name == pipelines.default else ""
         m = spec.model
-        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{m.embed_dim}, ctx {m.context_length}", spec.description)
+        width = getattr(m, "hidden_dim", m.embed_dim)
+        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{width}, ctx {m.context_length}", spec.description)
     console.print(table)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -18,6 +19,7 @@ from lm.config import (
     DataConfig,
     EvalConfig,
     Frozen,
+    GPTConfig,
     ModelConfig,
     TokenizerConfig,
     TrainConfig,
@@ -44,9 +46,24 @@ class PipelineSpec(Frozen):
     description: str = ""
     data: DataConfig = Field(default_factory=BuiltinData)
     tokenizer: TokenizerConfig = Field(default_factory=CharTokenizerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=GPTConfig)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, value: object) -> object:
+        """`model.kind` defaults to gpt, `tokenizer.kind` to char, `data.source` to builtin."""
+        if isinstance(value, dict):
+            value = dict(value)
+            for section, key, default in (
+                ("model", "kind", "gpt"),
+                ("tokenizer", "kind", "char"),
+                ("data", "source", "builtin"),
+            ):
+                if isinstance(value.get(section), dict) and key not in value[section]:
+                    value[section] = {key: default, **value[section]}
+        return value
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
@@ -101,8 +118,19 @@ class PipelinesFile(Frozen):
         return self.pipelines[key]
 
 
+def _tags(annotated: object) -> set[str]:
+    """The tag values of a discriminated union such as ModelConfig ({"gpt", "lstm", ...})."""
+    union, field = get_args(annotated)
+    return {get_args(m.model_fields[field.discriminator].annotation)[0] for m in get_args(union)}
+
+
+UNION_TAGS = {"model": _tags(ModelConfig), "tokenizer": _tags(TokenizerConfig), "data": _tags(DataConfig)}
+
+
 def _location(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    """The YAML path of an error, without the union tag pydantic inserts (``model.gpt.num_layers``)."""
+    parts = [p for i, p in enumerate(loc) if not (i and p in UNION_TAGS.get(loc[i - 1], ()))]
+    return ".".join(str(part) for part in parts) or "(top level)"
 
 
 def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:

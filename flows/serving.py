@@ -28,14 +28,16 @@ class TextGenerator(PythonModel):
     """Loads once in ``load_context``; ``predict`` samples a continuation for each prompt."""
 
     def load_context(self, context) -> None:
+        from pydantic import TypeAdapter
+
         from lm.checkpoint import load_weights
-        from lm.config import GPTConfig
+        from lm.config import ModelConfig
         from lm.models import build_model
         from lm.tokenizers import load_tokenizer
 
         with open(context.artifacts["config"], encoding="utf-8") as f:
             config = json.load(f)
-        model = build_model(GPTConfig.model_validate(config["model"]), config["vocab_size"])
+        model = build_model(TypeAdapter(ModelConfig).validate_python(config["model"]), config["vocab_size"])
         self.model = load_weights(context.artifacts["weights"], model).eval()
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
         if self.tokenizer.vocab_size != config["vocab_size"]:

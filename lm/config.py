@@ -172,8 +172,25 @@ class GPTConfig(Frozen):
         return self
 
 
-# The LSTM and encoder configs join this as a discriminated union on `kind`.
-ModelConfig = GPTConfig
+class LSTMConfig(Frozen):
+    """Recurrent LM: embedding → multi-layer LSTM → projection; state carried in evaluation and generation."""
+
+    kind: Literal["lstm"]
+    num_layers: int = Field(default=2, gt=0)
+    embed_dim: int = Field(default=256, gt=0)
+    """Token embedding width (the LSTM's input)."""
+    hidden_dim: int = Field(default=512, gt=0)
+    """LSTM state width."""
+    context_length: int = Field(default=128, gt=1)
+    """Training window (truncated back-propagation length); evaluation and generation carry state past it."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings, between LSTM layers and before the output."""
+    tie_weights: bool = True
+    """Share the output matrix with the input embedding (through a hidden → embed projection)."""
+
+
+ModelConfig = Annotated[GPTConfig | LSTMConfig, Field(discriminator="kind")]
+"""The architecture, chosen by `kind`; `lm.models.build_model` is the only place that dispatches on it."""
 
 
 class TrainConfig(Frozen):

@@ -1,8 +1,10 @@
 """Loss, perplexity and bits per character: pure functions over a model and a token array.
 
-Protocol: the whole split, in order, cut into non-overlapping windows of ``context_length`` tokens
-(the last one may be shorter); each window predicts its own next tokens with no context carried in.
-The same protocol serves every architecture, so the numbers are comparable.
+Protocol: every token of the split after the first is predicted exactly once, in order. The split is
+cut into ``batch_size`` contiguous streams read in windows of ``context_length`` tokens; a model that
+returns a state (the LSTM) carries it from one window to the next within a stream, a model that does
+not (the GPT) sees each window fresh — for it this is exactly non-overlapping windows. The few tokens
+left after the streams (fewer than ``batch_size × context_length``) are read as one more stream.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-PROTOCOL = "full split, non-overlapping windows of context_length, in order"
+PROTOCOL = "full split in order; non-overlapping windows of context_length; recurrent state carried within streams"
 
 
 @torch.no_grad()
@@ -36,19 +38,25 @@ def mean_loss(
     model.eval()
     device = torch.device(device)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    starts = list(range(0, data.size - 1, context_length))
-    total, count = 0.0, 0
-    full = [s for s in starts if s + context_length + 1 <= data.size]
-    tail = [s for s in starts if s + context_length + 1 > data.size]
-    for group in [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]:
-        length = min(context_length, data.size - 1 - group[0])
-        window = np.stack([data[s : s + length + 1] for s in group]).astype(np.int64)
-        batch = torch.from_numpy(window).to(device)  # (B, length + 1)
+    n, T = data.size - 1, context_length
+    streams = max(1, min(batch_size, n // T))
+    length = (n // streams) // T * T  # whole windows per stream
+    total, count, state = 0.0, 0, None
+
+    def score(starts: list[int], width: int, state):
+        window = torch.from_numpy(np.stack([data[s : s + width + 1] for s in starts]).astype(np.int64)).to(device)
         with amp:
-            logits = model(batch[:, :-1]).logits  # (B, length, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
+            out = model(window[:, :-1], state=state)  # logits (B, width, V)
+        nll = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+        return nll.item(), window[:, 1:].numel(), out.state
+
+    for t in range(0, length, T):
+        nll, c, state = score([b * length + t for b in range(streams)], T, state)
+        total, count = total + nll, count + c
+    state = None
+    for s in range(streams * length, n, T):  # the remainder, as one more stream
+        nll, c, state = score([s], min(T, n - s), state)
+        total, count = total + nll, count + c
     model.train(was_training)
     return total / count, count
 

@@ -7,8 +7,9 @@ from torch import nn
 from lm.config import ModelConfig
 from lm.models.base import LanguageModel, LMOutput
 from lm.models.gpt import GPT
+from lm.models.lstm import LSTMLM
 
-__all__ = ["GPT", "LMOutput", "LanguageModel", "build_model"]
+__all__ = ["GPT", "LSTMLM", "LMOutput", "LanguageModel", "build_model"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -18,4 +19,6 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     match cfg.kind:
         case "gpt":
             return GPT(cfg, vocab_size)
+        case "lstm":
+            return LSTMLM(cfg, vocab_size)
     raise ValueError(f"unknown model kind {cfg.kind!r}")

@@ -65,7 +65,7 @@ def test_python_tags_are_refused_and_never_executed(tmp_path):
 
 def test_unknown_pipeline_names_the_available_ones():
     with pytest.raises(
-        KeyError, match="no pipeline named 'nope'; available: shakespeare-bpe-gpt, shakespeare-char-gpt, smoke"
+        KeyError, match="no pipeline named 'nope'; available: shakespeare-bpe-gpt, shakespeare-char-gpt, shakespeare-char-lstm, smoke"
     ):
         SHIPPED.get("nope")
 
@@ -78,7 +78,10 @@ def test_unknown_pipeline_names_the_available_ones():
         ("pipelines: {}\n", "default: Field required"),
         ("- just a list\n", "expected a mapping"),
         ("default: a\npipelines:\n  a: {model: {embed_dim: 30, num_heads: 4}}\n", "divisible by num_heads"),
-        ("default: a\npipelines:\n  a: {model: {kind: rnn}}\n", "pipelines.a.model.kind"),
+        (
+            "default: a\npipelines:\n  a: {model: {kind: rnn}}\n",
+            "pipelines.a.model: Input tag 'rnn' found using 'kind'",
+        ),
     ],
 )
 def test_structural_mistakes(text, message):

@@ -1,0 +1,56 @@
+"""LSTM language model: embedding → multi-layer ``nn.LSTM`` → projection → (tied) output.
+
+``forward(tokens, state)`` returns the new ``(h, c)`` state, so evaluation and generation can carry it
+from one window to the next instead of starting every window cold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lm.config import LSTMConfig
+from lm.models.base import LMOutput
+
+
+class LSTMLM(nn.Module):
+    """``forward(tokens (B, T), state=None) → LMOutput(logits (B, T, V), (h, c) each (L, B, H))``."""
+
+    def __init__(self, cfg: LSTMConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            num_layers=cfg.num_layers,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        out_dim = cfg.embed_dim if cfg.tie_weights else cfg.hidden_dim
+        self.projection = nn.Linear(cfg.hidden_dim, out_dim) if out_dim != cfg.hidden_dim else nn.Identity()
+        self.head = nn.Linear(out_dim, vocab_size)
+        if cfg.tie_weights:
+            self.head.weight = self.embedding.weight
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+
+    def encode(self, tokens: torch.Tensor, state: tuple | None = None) -> torch.Tensor:
+        """tokens (B, T) → top-layer hidden states (B, T, H)."""
+        hidden, _ = self.lstm(self.dropout(self.embedding(tokens)), state)
+        return hidden
+
+    def forward(self, tokens: torch.Tensor, state: tuple | None = None) -> LMOutput:
+        hidden, state = self.lstm(self.dropout(self.embedding(tokens)), state)  # (B, T, H)
+        logits = self.head(self.projection(self.dropout(hidden)))  # (B, T, V)
+        return LMOutput(logits, state)
+
+    def num_parameters(self, *, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token ≈ 6·N (no attention term), N counting the output matrix once."""
+        return 6.0 * (self.num_parameters(non_embedding=True) + self.vocab_size * self.head.in_features)
