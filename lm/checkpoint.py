@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from lm.atomic import atomic_dir
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
+TENSORS = "train_state.safetensors"  # optimizer moments, RNG states: plain tensors, never pickle
 MANIFEST = "MANIFEST.json"
+STEP_PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
@@ -34,15 +38,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Write ``model``'s weights and the JSON-serialisable ``state`` to ``path`` atomically."""
+def save_checkpoint(
+    path: Path, model: nn.Module, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write weights, the JSON ``state`` and optional extra ``tensors`` to ``path`` atomically.
+
+    The manifest (sha256 of every file) is written last, inside the temporary directory, which is
+    then renamed into place: a reader sees a whole checkpoint or none.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
         (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        files = {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)}
+        names = [WEIGHTS, STATE]
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+            names.append(TENSORS)
+        files = {name: sha256_file(tmp / name) for name in names}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
     return path
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The extra tensors of a verified checkpoint (empty when it has none)."""
+    file = Path(path) / TENSORS
+    return load_file(str(file)) if file.exists() else {}
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """``root/step-NNNNNNNN`` directories, newest first (temporary directories are ignored)."""
+    return sorted((p for p in Path(root).glob(f"{STEP_PREFIX}*") if p.is_dir()), reverse=True)
+
+
+def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest step checkpoint whose manifest verifies, and the reasons newer ones were rejected."""
+    rejected = []
+    for path in step_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+            return path, rejected
+        except CheckpointError as e:
+            rejected.append(str(e))
+    return None, rejected
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints."""
+    for old in step_checkpoints(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

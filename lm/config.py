@@ -222,6 +222,10 @@ class TrainConfig(Frozen):
     """Validation tokens used for the periodic estimate (the final evaluation uses the whole split)."""
     log_interval: int = Field(default=10, gt=0)
     """Report training metrics every N steps."""
+    checkpoint_interval: int = Field(default=0, ge=0)
+    """Write a resumable checkpoint every N steps (0: only the final weights)."""
+    keep_checkpoints: int = Field(default=2, gt=0)
+    """How many resumable checkpoints to keep (the newest)."""
 
 
 class EvalConfig(Frozen):

@@ -129,14 +129,14 @@ def _format(path: Path, cfg: FilesData) -> str:
 
 def decode(data: bytes, name: str, errors: str) -> tuple[str, int]:
     """UTF-8 (BOM dropped). ``strict`` raises naming the byte offset; ``replace`` returns the count."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    data = data[bom:]
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError as e:
         if errors == "strict":
             raise SourceError(
-                f"{name}: invalid UTF-8 at byte offset {e.start} ({data[e.start : e.start + 4]!r}); "
+                f"{name}: invalid UTF-8 at byte offset {e.start + bom} ({data[e.start : e.start + 4]!r}); "
                 "convert the file to UTF-8 or set data.encoding_errors: replace"
             ) from None
     parts, count, pos = [], 0, 0

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lm.checkpoint import save_checkpoint
+from lm.checkpoint import (
+    STEP_PREFIX,
+    load_checkpoint,
+    load_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from lm.config import TrainConfig
 from lm.evaluation import mean_loss
 
@@ -104,6 +110,28 @@ class BatchSampler:
         return torch.from_numpy(window.astype(np.int64))
 
 
+def training_state(optimizer: torch.optim.Optimizer, sampler: BatchSampler) -> tuple[dict, dict]:
+    """What resuming needs besides the weights: (tensors, JSON) — optimizer moments and every RNG."""
+    sd = optimizer.state_dict()
+    tensors = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.sampler"] = sampler.generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"param_groups": sd["param_groups"], "optimizer_state": {str(i): sorted(s) for i, s in sd["state"].items()}}
+    return tensors, meta
+
+
+def restore_training_state(optimizer, sampler: BatchSampler, tensors: dict, meta: dict) -> None:
+    """Inverse of ``training_state``."""
+    state = {int(i): {k: tensors[f"optim.{i}.{k}"] for k in keys} for i, keys in meta["optimizer_state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    sampler.generator.set_state(tensors["rng.sampler"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
 def train(
     model: nn.Module,
     train_tokens: np.ndarray,
@@ -113,11 +141,15 @@ def train(
     on_metrics: MetricSink,
     checkpoint_dir: Path | None = None,
     checkpoint_state: Mapping[str, object] | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` steps; evaluate every ``cfg.eval_interval``.
 
     Writes the final weights to ``checkpoint_dir/final`` when given, with ``checkpoint_state`` (JSON)
-    merged into the saved state.
+    merged into the saved state, and every ``cfg.checkpoint_interval`` steps a resumable
+    ``checkpoint_dir/step-NNNNNNNN`` (weights, optimizer, RNG and batch-order state; the newest
+    ``cfg.keep_checkpoints`` are kept). ``resume_from`` continues from such a checkpoint; on CPU the
+    result is bit-identical to an uninterrupted run.
     """
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -129,7 +161,17 @@ def train(
     tokens_per_step = cfg.batch_size * ctx
     rates: list[float] = []
     losses: list[float] = []
-    val_loss, bad_steps, t0 = float("nan"), 0, time.perf_counter()
+    val_loss, bad_steps, t0, start = float("nan"), 0, time.perf_counter(), 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model)
+        restore_training_state(optimizer, sampler, load_tensors(resume_from), state["training"])
+        start = state["step"]
+
+    def checkpoint(step: int) -> None:
+        tensors, meta = training_state(optimizer, sampler)
+        state = {"step": step, "training": meta, **(checkpoint_state or {})}
+        save_checkpoint(Path(checkpoint_dir) / f"{STEP_PREFIX}{step:08d}", model, state, tensors)
+        prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
 
     def validate(step: int) -> float:
         loss, _ = mean_loss(
@@ -144,7 +186,7 @@ def train(
         on_metrics(step, {"val_loss_estimate": loss})
         return loss
 
-    for step in range(cfg.max_steps):
+    for step in range(start, cfg.max_steps):
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -178,6 +220,8 @@ def train(
             )
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             val_loss = validate(done)
+        if checkpoint_dir is not None and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0:
+            checkpoint(done)
 
     wall = time.perf_counter() - t0
     checkpoint = None

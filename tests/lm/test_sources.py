@@ -67,8 +67,10 @@ def test_non_utf8_replace_counts_replacements(tmp_path):
     assert texts(docs) == ["caf\ufffd cr\ufffdme"] and report.replaced_chars == 2
 
 
-def test_bom_is_dropped():
+def test_bom_is_dropped_and_offsets_count_it():
     assert decode(b"\xef\xbb\xbfhello", "x", "strict") == ("hello", 0)
+    with pytest.raises(SourceError, match="byte offset 5"):
+        decode(b"\xef\xbb\xbfhi\xff", "x", "strict")
 
 
 def test_jsonl_csv_parquet_through_datasets_loaders(tmp_path):

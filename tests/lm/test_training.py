@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from lm.checkpoint import verify_checkpoint
-from lm.config import TrainConfig
+from lm.config import GPTConfig, TrainConfig
 from lm.models import build_model
 from lm.training import BatchSampler, TrainingError, lr_at, make_optimizer, train
 
@@ -123,3 +123,89 @@ def test_non_finite_loss_stops_training(tiny_gpt):
     )
     with pytest.raises(TrainingError, match="non-finite for 5 steps"):
         train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: None)
+
+
+class Crash(Exception):
+    pass
+
+
+def _resume_cfg(**kw):
+    base = dict(
+        max_steps=12,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=3,
+        eval_interval=6,
+        eval_tokens=64,
+        log_interval=1,
+        precision="fp32",
+        device="cpu",
+        seed=0,
+        checkpoint_interval=4,
+        keep_checkpoints=2,
+    )
+    return TrainConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("crash_at", [1, 6, 9])
+def test_interrupted_and_resumed_training_is_bit_identical(crash_at, tmp_path):
+    from lm.checkpoint import latest_checkpoint, step_checkpoints
+
+    mcfg = GPTConfig(num_layers=2, num_heads=2, embed_dim=16, context_length=16, dropout=0.1)  # dropout uses RNG
+    data, val = _tokens(), _tokens(seed=1)
+
+    torch.manual_seed(0)
+    golden = build_model(mcfg, vocab_size=11)
+    train(golden, data, val, _resume_cfg(), on_metrics=lambda s, m: None, checkpoint_dir=tmp_path / "golden")
+    assert [p.name for p in step_checkpoints(tmp_path / "golden")] == ["step-00000012", "step-00000008"]
+
+    def crash(step, metrics):
+        if step == crash_at:
+            raise Crash
+
+    torch.manual_seed(0)
+    interrupted = build_model(mcfg, vocab_size=11)
+    with pytest.raises(Crash):
+        train(interrupted, data, val, _resume_cfg(), on_metrics=crash, checkpoint_dir=tmp_path / "run")
+    latest, rejected = latest_checkpoint(tmp_path / "run")
+    assert rejected == []
+    assert (latest is None) == (crash_at < 4)
+
+    torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
+    resumed = build_model(mcfg, vocab_size=11)
+    if latest is None:
+        torch.manual_seed(0)
+        resumed = build_model(mcfg, vocab_size=11)
+    steps = []
+    train(
+        resumed,
+        data,
+        val,
+        _resume_cfg(),
+        on_metrics=lambda s, m: steps.append(s),
+        checkpoint_dir=tmp_path / "run",
+        resume_from=latest,
+    )
+    assert steps[0] == (int(latest.name.split("-")[1]) + 1 if latest else 1)
+    for (name, a), (_, b) in zip(golden.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    from lm.checkpoint import latest_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8), vocab_size=11)
+    train(
+        model,
+        _tokens(),
+        _tokens(seed=1),
+        _resume_cfg(max_steps=8),
+        on_metrics=lambda s, m: None,
+        checkpoint_dir=tmp_path,
+    )
+    newest = tmp_path / "step-00000008"
+    (newest / "train_state.safetensors").write_bytes(b"truncated")
+    latest, rejected = latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "step-00000004"
+    assert len(rejected) == 1 and "train_state.safetensors does not match its sha256" in rejected[0]
