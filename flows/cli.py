@@ -22,6 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err = Console(stderr=True)
 WORK_DIR = Path(".lmp")
+SUMMARY_METRICS = {
+    "val_loss": ("validation loss", "nats/token"),
+    "val_bpc": ("bits per char", ""),
+    "val_mlm_loss": ("masked-token loss", "nats/token (validation)"),
+}
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
 
 
@@ -84,8 +89,9 @@ def run(
     wall = time.perf_counter() - started
     metrics = result["metrics"]
     table = Table(title=f"{spec.name}: done", show_header=False)
-    table.add_row("validation loss", f"{metrics['val_loss']:.4f} nats/token")
-    table.add_row("bits per char", f"{metrics['val_bpc']:.4f}")
+    for key, (label, unit) in SUMMARY_METRICS.items():
+        if key in metrics:
+            table.add_row(label, f"{metrics[key]:.4f} {unit}".rstrip())
     table.add_row(
         "wall time",
         f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "

@@ -42,11 +42,23 @@ def requirements() -> list[str]:
 
 
 def log_and_register(
-    run_id: str, name: str, files: Mapping[str, str], tags: Mapping[str, str], example_prompt: str
+    run_id: str,
+    name: str,
+    files: Mapping[str, str],
+    tags: Mapping[str, str],
+    example_prompt: str,
+    *,
+    objective: str = "causal",
+    width: int = 1,
 ) -> dict:
-    """Log the model into ``run_id`` and create a new version of registered model ``name``."""
+    """Log the model into ``run_id`` and create a new version of registered model ``name``.
+
+    A causal model is packaged text → text (generation params in the signature); an encoder
+    text → feature vector of ``width`` floats.
+    """
     params = dict(GENERATION_DEFAULTS)
-    signature = infer_signature([example_prompt], [example_prompt + "..."], params=params)
+    example_output = [example_prompt + "..."] if objective == "causal" else [[0.0] * width]
+    signature = infer_signature([example_prompt], example_output, params=params)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -24,8 +24,9 @@ def _prompts(model_input: Any) -> list[str]:
     return [str(x) for x in model_input]
 
 
-class TextGenerator(PythonModel):
-    """Loads once in ``load_context``; ``predict`` samples a continuation for each prompt."""
+class LanguageModelPackage(PythonModel):
+    """Loads once in ``load_context``. ``predict``: for a generative (causal) model, each prompt plus a
+    sampled continuation; for an encoder, each text's mean-pooled features (a list of floats)."""
 
     def load_context(self, context) -> None:
         from pydantic import TypeAdapter
@@ -46,7 +47,9 @@ class TextGenerator(PythonModel):
                 f"{config['vocab_size']}: the package mixes files from different runs"
             )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list:
+        if self.model.objective == "mlm":
+            return [self._features(text) for text in _prompts(model_input)]
         from lm.generation import GENERATION_DEFAULTS, generate
 
         p = GENERATION_DEFAULTS | (params or {})
@@ -63,5 +66,13 @@ class TextGenerator(PythonModel):
             outputs.append(prompt + self.tokenizer.decode(ids))
         return outputs
 
+    def _features(self, text: str) -> list[float]:
+        import torch
 
-mlflow.models.set_model(TextGenerator())
+        ids = (self.tokenizer.encode(text) or [0])[: self.model.context_length]
+        with torch.no_grad():
+            hidden = self.model.encode(torch.tensor([ids]))  # (1, T, C)
+        return hidden.mean(dim=1)[0].tolist()
+
+
+mlflow.models.set_model(LanguageModelPackage())

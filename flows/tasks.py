@@ -83,4 +83,6 @@ def register(tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, r
         "git_commit": registry.git_commit(),
         **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items()},
     }
-    return registry.log_and_register(run_id, spec.name, files, tags, spec.eval.prompt)
+    return registry.log_and_register(
+        run_id, spec.name, files, tags, spec.eval.prompt, objective=trained["objective"], width=trained["feature_dim"]
+    )

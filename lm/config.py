@@ -189,7 +189,15 @@ class LSTMConfig(Frozen):
     """Share the output matrix with the input embedding (through a hidden → embed projection)."""
 
 
-ModelConfig = Annotated[GPTConfig | LSTMConfig, Field(discriminator="kind")]
+class EncoderConfig(GPTConfig):
+    """BERT-style bidirectional encoder trained by masked-language modelling; `encode()` feeds task heads."""
+
+    kind: Literal["encoder"]
+    mask_prob: float = Field(default=0.15, gt=0.0, lt=1.0)
+    """Fraction of positions chosen for prediction (80 % masked, 10 % random, 10 % kept)."""
+
+
+ModelConfig = Annotated[GPTConfig | LSTMConfig | EncoderConfig, Field(discriminator="kind")]
 """The architecture, chosen by `kind`; `lm.models.build_model` is the only place that dispatches on it."""
 
 

@@ -14,7 +14,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 PROTOCOL = "full split in order; non-overlapping windows of context_length; recurrent state carried within streams"
 
@@ -42,13 +41,13 @@ def mean_loss(
     streams = max(1, min(batch_size, n // T))
     length = (n // streams) // T * T  # whole windows per stream
     total, count, state = 0.0, 0, None
+    generator = torch.Generator().manual_seed(0)  # masked-LM positions: the same every evaluation
 
     def score(starts: list[int], width: int, state):
         window = torch.from_numpy(np.stack([data[s : s + width + 1] for s in starts]).astype(np.int64)).to(device)
         with amp:
-            out = model(window[:, :-1], state=state)  # logits (B, width, V)
-        nll = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
-        return nll.item(), window[:, 1:].numel(), out.state
+            nll, scored, state = model.score(window, state, generator)  # (B, width + 1) window
+        return nll.item(), scored, state
 
     for t in range(0, length, T):
         nll, c, state = score([b * length + t for b in range(streams)], T, state)

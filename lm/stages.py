@@ -8,6 +8,7 @@ tensors or models.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,13 @@ def _split(tokens: dict, split: str) -> np.memmap:
 
 
 def model_card(model: torch.nn.Module) -> dict:
-    """Sizes every run reports: parameters (tied output counted once) and training FLOPs per token."""
+    """Sizes every run reports: parameters (tied output counted once) and training FLOPs per token,
+    plus the training objective and the width of ``encode()`` features."""
+    with torch.no_grad():
+        feature_dim = model.encode(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
     return {
+        "objective": model.objective,
+        "feature_dim": int(feature_dim),
         "num_parameters": model.num_parameters(),
         "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
         "flops_per_token": model.flops_per_token(),
@@ -115,9 +121,13 @@ def evaluate(
         device=device,
         autocast_dtype=amp_dtype,
     )
+    tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
+    if model.objective == "mlm":  # masked-token loss is not a text likelihood: no bits per character
+        metrics = {"val_mlm_loss": loss, "val_mlm_perplexity": math.exp(min(loss, 50.0)), "val_mlm_targets": count}
+        sample = fill_in_sample(model, tok, val_split, device=device)
+        return {"metrics": metrics, "protocol": PROTOCOL + "; masked positions seeded", "sample": sample}
     # Characters covered by the predicted tokens (all but the first), for bits per character.
     chars = tokens["chars"]["val"] * count / tokens["tokens"]["val"]
-    tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
     new = generate(
         model,
         tok.encode(eval_cfg.prompt),
@@ -132,6 +142,19 @@ def evaluate(
         "protocol": PROTOCOL,
         "sample": eval_cfg.prompt + tok.decode(new),
     }
+
+
+@torch.no_grad()
+def fill_in_sample(model: torch.nn.Module, tok, tokens: np.ndarray, *, device, every: int = 6) -> str:
+    """An encoder's demo: mask every ``every``-th token of the first validation window and fill it in."""
+    ids = torch.from_numpy(np.asarray(tokens[: model.context_length]).astype(np.int64))[None].to(device)
+    masked = ids.clone()
+    masked[0, ::every] = model.mask_id
+    filled = torch.where(masked == model.mask_id, model(masked).logits.argmax(-1), ids)
+    shown = "".join("_" if i % every == 0 else tok.decode([int(t)]) for i, t in enumerate(ids[0]))
+    return (
+        f"masked:\n{shown}\n\nfilled in:\n{tok.decode(filled[0].tolist())}\n\noriginal:\n{tok.decode(ids[0].tolist())}"
+    )
 
 
 def export_model(

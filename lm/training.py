@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lm.checkpoint import (
     STEP_PREFIX,
@@ -190,10 +189,10 @@ def train(
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = sampler.next().to(device)
+        batch = sampler.next().to(device)  # (B, T + 1)
         with amp():
-            logits = model(batch[:, :-1]).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            nll, count, _ = model.score(batch, generator=sampler.generator)  # the model's own objective
+        loss = nll / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))

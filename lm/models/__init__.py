@@ -6,10 +6,11 @@ from torch import nn
 
 from lm.config import ModelConfig
 from lm.models.base import LanguageModel, LMOutput
+from lm.models.encoder import Encoder
 from lm.models.gpt import GPT
 from lm.models.lstm import LSTMLM
 
-__all__ = ["GPT", "LSTMLM", "LMOutput", "LanguageModel", "build_model"]
+__all__ = ["GPT", "LSTMLM", "Encoder", "LMOutput", "LanguageModel", "build_model"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -21,4 +22,6 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             return GPT(cfg, vocab_size)
         case "lstm":
             return LSTMLM(cfg, vocab_size)
+        case "encoder":
+            return Encoder(cfg, vocab_size)
     raise ValueError(f"unknown model kind {cfg.kind!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
+from torch.nn import functional as F
 
 
 class LMOutput(NamedTuple):
@@ -20,11 +21,23 @@ class LanguageModel(Protocol):
 
     context_length: int
     vocab_size: int
+    objective: str  # "causal" (predict the next token) or "mlm" (predict masked tokens)
 
     def __call__(self, tokens: torch.Tensor, state: Any = None) -> LMOutput: ...
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
+    def score(self, window: torch.Tensor, state: Any = None, generator: torch.Generator | None = None) -> tuple:
+        """Training/evaluation loss on a (B, T + 1) token window: (nll sum, targets scored, new state)."""
+        ...
+
     def num_parameters(self, *, non_embedding: bool = False) -> int: ...
 
     def flops_per_token(self) -> float: ...
+
+
+def causal_score(model, window: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, int, Any]:
+    """Next-token cross-entropy summed over a (B, T + 1) window, the number of targets, the new state."""
+    out = model(window[:, :-1], state=state)  # logits (B, T, V)
+    nll = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+    return nll, window[:, 1:].numel(), out.state

@@ -12,13 +12,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from lm.config import GPTConfig
-from lm.models.base import LMOutput
+from lm.models.base import LMOutput, causal_score
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``causal`` masks the future (decoder) or not (encoder)."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool, causal: bool = True):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.causal = num_heads, causal
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
         self.proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.dropout = dropout
@@ -29,7 +31,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -46,10 +50,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool):
+    """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(embed_dim, bias=bias)
-        self.attn = CausalSelfAttention(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, bias=bias)
+        self.attn = SelfAttention(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, bias=bias, causal=causal)
         self.ln_2 = nn.LayerNorm(embed_dim, bias=bias)
         self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
 
@@ -60,6 +66,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Decoder-only Transformer language model. ``forward(tokens (B, T)) → LMOutput(logits (B, T, V))``."""
+
+    objective = "causal"
 
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__()
@@ -103,6 +111,10 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, state: object = None) -> LMOutput:
         """``state`` is accepted for interface symmetry; the GPT recomputes its context."""
         return LMOutput(self.lm_head(self.encode(tokens)), None)
+
+    def score(self, window: torch.Tensor, state: object = None, generator: torch.Generator | None = None):
+        """Next-token loss over a (B, T + 1) window: (nll sum, tokens scored, state)."""
+        return causal_score(self, window, state)
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied output matrix is the input embedding)."""

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from lm.config import LSTMConfig
-from lm.models.base import LMOutput
+from lm.models.base import LMOutput, causal_score
 
 
 class LSTMLM(nn.Module):
     """``forward(tokens (B, T), state=None) → LMOutput(logits (B, T, V), (h, c) each (L, B, H))``."""
+
+    objective = "causal"
 
     def __init__(self, cfg: LSTMConfig, vocab_size: int):
         super().__init__()
@@ -46,6 +48,10 @@ class LSTMLM(nn.Module):
         hidden, state = self.lstm(self.dropout(self.embedding(tokens)), state)  # (B, T, H)
         logits = self.head(self.projection(self.dropout(hidden)))  # (B, T, V)
         return LMOutput(logits, state)
+
+    def score(self, window: torch.Tensor, state: tuple | None = None, generator: torch.Generator | None = None):
+        """Next-token loss over a (B, T + 1) window, carrying ``state``: (nll sum, tokens scored, state)."""
+        return causal_score(self, window, state)
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -72,3 +72,33 @@ def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, m
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert client.search_registered_models() == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"kind": "lstm", "num_layers": 1, "embed_dim": 16, "hidden_dim": 32, "context_length": 32},
+        {"kind": "encoder", "num_layers": 1, "num_heads": 2, "embed_dim": 16, "context_length": 32},
+    ],
+)
+def test_every_architecture_runs_the_whole_flow_and_serves(
+    model, prefect_harness, mlflow_store, smoke_spec, tmp_path, monkeypatch
+):
+    import mlflow
+    from pydantic import TypeAdapter
+
+    from flows.pipeline import lm_pipeline
+    from lm.config import ModelConfig
+
+    spec = smoke_spec.model_copy(update={"model": TypeAdapter(ModelConfig).validate_python(model)})
+    result = lm_pipeline(spec, workdir=str(tmp_path / ".lmp"), base_dir=str(tmp_path))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    served = mlflow.pyfunc.load_model(result["registered"]["uri"])
+    [out] = served.predict(["ROMEO:\n"], params={"max_new_tokens": 6})
+    if model["kind"] == "encoder":
+        assert "val_mlm_loss" in result["metrics"] and "val_bpc" not in result["metrics"]
+        assert len(out) == 16 and all(isinstance(x, float) for x in out)  # mean-pooled features
+        assert "filled in:" in result["sample"]
+    else:
+        assert result["metrics"]["val_bpc"] > 0
+        assert out.startswith("ROMEO:\n") and len(out) == len("ROMEO:\n") + 6

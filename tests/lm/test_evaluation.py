@@ -6,6 +6,7 @@ import torch
 
 from lm.evaluation import bits_per_char, lm_metrics, mean_loss
 from lm.models import LMOutput
+from lm.models.base import causal_score
 
 
 class Uniform(torch.nn.Module):
@@ -21,6 +22,9 @@ class Uniform(torch.nn.Module):
     def forward(self, tokens, state=None):
         self.calls.append(tuple(tokens.shape))
         return LMOutput(torch.zeros(*tokens.shape, self.vocab))
+
+    def score(self, window, state=None, generator=None):
+        return causal_score(self, window, state)
 
 
 def test_uniform_model_scores_log_vocab_and_covers_every_token():
