@@ -124,3 +124,26 @@ def test_plan_names_what_will_run_and_why(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "ingest" in text and "no earlier successful run" in text and "never cached" in text
+
+
+def test_token_ids_beyond_the_model_vocabulary_stop_before_training(
+    prefect_harness, mlflow_store, tmp_path, monkeypatch
+):
+    """Fault injection: the token manifest under-reports the vocabulary (a stale or mixed-up cache)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows import tasks
+
+    real = tasks.stages.tokenize
+
+    def shrunk(*args, **kwargs):
+        return real(*args, **kwargs) | {"vocab_size": 20}
+
+    monkeypatch.setattr(tasks.stages, "tokenize", shrunk)
+    (tmp_path / "a.txt").write_text("Now is the winter of our discontent, made glorious summer.\n" * 60)
+    (tmp_path / "pipelines.yaml").write_text(_pipelines(_files("a.txt")))
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "tokenizer/model vocabulary mismatch" in text and "the model has 20" in text
+    assert MlflowClient().search_registered_models() == []

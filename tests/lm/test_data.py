@@ -126,3 +126,9 @@ def test_validation_split_shorter_than_context_is_refused_before_writing(tmp_pat
             BuiltinData(plays=("macbeth",), max_chars=10000), tmp_path / "out", base_dir=tmp_path, min_chars=5000
         )
     assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").rglob("*.txt")]
+
+
+def test_a_test_split_shorter_than_context_is_refused(tmp_path):
+    cfg = BuiltinData(plays=("macbeth",), max_chars=50000, split=SplitConfig(val_fraction=0.2, test_fraction=0.01))
+    with pytest.raises(DataError, match=r"test: \d+ characters"):
+        build_corpus(cfg, tmp_path, base_dir=tmp_path, min_chars=1000)

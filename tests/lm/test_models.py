@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lm.config import GPTConfig
+from lm.config import EncoderConfig, GPTConfig, LSTMConfig
 from lm.models import GPT, LanguageModel, LMOutput, build_model
 
 
@@ -52,3 +52,24 @@ def test_invalid_sizes_are_refused():
         GPTConfig(embed_dim=30, num_heads=4)
     with pytest.raises(ValueError, match="vocab_size must be positive"):
         build_model(GPTConfig(), vocab_size=0)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTConfig(num_layers=2, num_heads=2, embed_dim=32, context_length=16),
+        LSTMConfig(kind="lstm", num_layers=2, embed_dim=16, hidden_dim=32, context_length=16),
+        EncoderConfig(kind="encoder", num_layers=2, num_heads=2, embed_dim=32, context_length=16),
+    ],
+    ids=lambda c: c.kind,
+)
+def test_bf16_autocast_agrees_with_fp32(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=11).eval()
+    tokens = torch.randint(0, 11, (2, 16))
+    with torch.no_grad():
+        full = torch.log_softmax(model(tokens).logits.float(), -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = torch.log_softmax(model(tokens).logits.float(), -1)
+    assert (full - half).abs().max() < 0.05  # bf16 keeps ~3 significant digits
+    assert (full.argmax(-1) == half.argmax(-1)).float().mean() > 0.9
