@@ -63,8 +63,11 @@ def _progress_listener(progress: Progress, spec: PipelineSpec):
 def run(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
     config: ConfigOption = Path("pipelines.yaml"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Do not resume an interrupted run; start a new one.")] = False,
 ) -> None:
-    """Run one pipeline end to end: ingest, tokenize, train, evaluate, register."""
+    """Run one pipeline end to end: ingest, tokenize, train, evaluate, register.
+
+    An interrupted earlier run of the same pipeline resumes from its newest valid checkpoint."""
     spec = _spec(config, pipeline)
     from flows import tracking
     from flows.pipeline import lm_pipeline  # imported late: prefect start-up is not free
@@ -82,7 +85,7 @@ def run(
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             with tracking.listening(_progress_listener(progress, spec)):
-                result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()))
+                result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()), fresh=fresh)
     except DataError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -97,6 +100,8 @@ def run(
         f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "
         f"{result['train']['tokens_per_second']:,.0f} tokens/s)",
     )
+    if result.get("resumed_from_step"):
+        table.add_row("resumed", f"from the checkpoint at step {result['resumed_from_step']} (same MLflow run)")
     table.add_row("registered", result["registered"]["uri"])
     table.add_row("MLflow run", f"{result['run_id']} in {uri}")
     console.print(table)

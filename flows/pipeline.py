@@ -7,26 +7,33 @@ from prefect.runtime import flow_run
 
 from flows import tasks, tracking
 from flows.config import PipelineSpec
+from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
 from lm.sources import describe
 
 
 @flow(name="lm-pipeline", flow_run_name="{spec.name}", validate_parameters=False)
-def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".") -> dict:
+def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False) -> dict:
     """Run one pipeline end to end; returns the run id, metrics, sample and registered version.
 
     ``workdir`` holds stage outputs and caches; relative data paths are resolved against ``base_dir``.
+    An interrupted earlier run of the pipeline is resumed from its newest valid checkpoint into the same
+    MLflow run, unless ``fresh``.
     """
     context = spec.model.context_length
+    resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
-    with tracking.tracked_run(spec.name, run_name=str(flow_run.name or spec.name), tags=tags) as run_id:
-        tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
+    tags |= process_tags() | ({"lmp.resumed_from_step": str(resume.step)} if resume else {})
+    with tracking.tracked_run(spec.name, str(flow_run.name or spec.name), tags, resume and resume.run_id) as run_id:
+        if resume is None:
+            tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
         corpus = tasks.ingest(spec.data, workdir, base_dir, context)
         tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
-        tracking.log_dataset(run_id, corpus, describe(spec.data))
+        if resume is None:
+            tracking.log_dataset(run_id, corpus, describe(spec.data))
         tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
-        trained = tasks.train(tokens, spec, run_id, workdir)
+        trained = tasks.train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
         evaluated = tasks.evaluate(tokens, trained, spec, run_id)
         registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
         get_run_logger().info("registered %s", registered["uri"])
@@ -39,4 +46,5 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".") 
         "train": trained,
         "data_digest": corpus["digest"],
         "stages": {"ingest": corpus["cached"], "tokenize": tokens["cached"]},
+        "resumed_from_step": resume.step if resume else None,
     }

@@ -48,16 +48,19 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_len
 
 
 @task(name="train", **OPTS)
-def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
-    out = Path(workdir) / "runs" / run_id
-    with tracking.MetricSink(run_id) as sink:
+def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
+    out, resume = Path(workdir) / "runs" / run_id, resume_from and Path(resume_from)
+    log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
+    with tracking.MetricSink(run_id, resuming=bool(resume)) as sink:
         result = stages.fit(
             tokens,
             spec.model,
             spec.train,
             out,
             on_metrics=sink,
-            on_start=lambda card: tracking.log_params(run_id, card),
+            on_start=log_card,
+            resume_from=resume,
+            before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
         )
     summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
     tracking.log_metrics(run_id, summary, step=result["steps"])

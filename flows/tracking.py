@@ -54,12 +54,21 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 
 @contextmanager
-def tracked_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """Create an MLflow run, yield its id, and end it FINISHED, or FAILED/KILLED on an exception."""
-    uri = mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment, uri), run_name=run_name, tags=dict(tags))
-    run_id = run.info.run_id
+def tracked_run(
+    experiment: str, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None
+) -> Iterator[str]:
+    """Create (or reopen ``resume_run_id``) an MLflow run, yield its id, and end it FINISHED, or
+    FAILED/KILLED on an exception."""
+    client = MlflowClient()
+    if resume_run_id is None:
+        uri = mlflow.get_tracking_uri()
+        run_id = client.create_run(
+            experiment_id(client, experiment, uri), run_name=run_name, tags=dict(tags)
+        ).info.run_id
+    else:
+        run_id = resume_run_id
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        set_tags(run_id, tags)
     try:
         yield run_id
     except KeyboardInterrupt:
@@ -115,15 +124,21 @@ class MetricSink:
     so the MLflow UI follows a live run without a database write per step.
     """
 
-    def __init__(self, run_id: str, *, flush_rows: int = 500, flush_seconds: float = 5.0):
+    def __init__(self, run_id: str, *, flush_rows: int = 500, flush_seconds: float = 5.0, resuming: bool = False):
         self.run_id, self.flush_rows, self.flush_seconds = run_id, flush_rows, flush_seconds
         self.client = MlflowClient()
         self.buffer: list[Metric] = []
         self.last_flush = time.monotonic()
+        self.logged = self._last_logged_steps() if resuming else {}
+
+    def _last_logged_steps(self) -> dict[str, int]:
+        """On resume: the last step already in MLflow per metric, so replayed steps are not duplicated."""
+        run = self.client.get_run(self.run_id)
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in run.data.metrics}
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged.get(k, -1))
         for listener in list(_listeners):
             listener(step, metrics)
         if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import load_checkpoint, verify_checkpoint
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
+from lm.errors import DataError
 from lm.evaluation import PROTOCOL, lm_metrics, mean_loss
 from lm.generation import generate
 from lm.models import build_model
@@ -63,8 +64,13 @@ def fit(
     *,
     on_metrics: MetricSink,
     on_start: Callable[[dict], None] | None = None,
+    resume_from: Path | None = None,
+    before_checkpoint: Callable[[int], None] | None = None,
 ) -> dict:
-    """Build the model (seeded), train it and write ``out_dir/final``; returns the summary."""
+    """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``.
+
+    A resume whose checkpoint was made with another model, tokenizer or corpus is refused, naming them.
+    """
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, tokens["vocab_size"])
     card = model_card(model)
@@ -80,6 +86,14 @@ def fit(
         "tokenizer_digest": tokens["tokenizer_digest"],
         "data_digest": tokens["data_digest"],
     }
+    if resume_from is not None:
+        saved = verify_checkpoint(resume_from)
+        differing = sorted(k for k, v in state.items() if saved.get(k) != v)
+        if differing:
+            raise DataError(
+                f"cannot resume from {resume_from}: its {', '.join(differing)} differ from this run's; "
+                "pass --fresh to start over"
+            )
     result = train(
         model,
         train_split,
@@ -88,6 +102,8 @@ def fit(
         on_metrics=on_metrics,
         checkpoint_dir=Path(out_dir),
         checkpoint_state=state,
+        resume_from=resume_from,
+        before_checkpoint=before_checkpoint,
     )
     return card | {
         "checkpoint": str(result.checkpoint),

@@ -141,6 +141,7 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_state: Mapping[str, object] | None = None,
     resume_from: Path | None = None,
+    before_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` steps; evaluate every ``cfg.eval_interval``.
 
@@ -148,7 +149,8 @@ def train(
     merged into the saved state, and every ``cfg.checkpoint_interval`` steps a resumable
     ``checkpoint_dir/step-NNNNNNNN`` (weights, optimizer, RNG and batch-order state; the newest
     ``cfg.keep_checkpoints`` are kept). ``resume_from`` continues from such a checkpoint; on CPU the
-    result is bit-identical to an uninterrupted run.
+    result is bit-identical to an uninterrupted run. ``before_checkpoint(step)`` runs first, so a metric
+    sink can make everything reported up to ``step`` durable before a resume could start from it.
     """
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -167,6 +169,8 @@ def train(
         start = state["step"]
 
     def checkpoint(step: int) -> None:
+        if before_checkpoint is not None:
+            before_checkpoint(step)
         tensors, meta = training_state(optimizer, sampler)
         state = {"step": step, "training": meta, **(checkpoint_state or {})}
         save_checkpoint(Path(checkpoint_dir) / f"{STEP_PREFIX}{step:08d}", model, state, tensors)
@@ -227,6 +231,7 @@ def train(
     if checkpoint_dir is not None:
         state = {"step": cfg.max_steps, "val_loss_estimate": val_loss, **(checkpoint_state or {})}
         checkpoint = save_checkpoint(Path(checkpoint_dir) / "final", model, state)
+        prune_checkpoints(checkpoint_dir, 0)  # finished: the resumable step checkpoints have served
     steady = rates[min(len(rates) - 1, 5) :] if rates else [0.0]  # skip warm-up steps
     return TrainResult(
         steps=cfg.max_steps,

@@ -157,7 +157,7 @@ def test_interrupted_and_resumed_training_is_bit_identical(crash_at, tmp_path):
     torch.manual_seed(0)
     golden = build_model(mcfg, vocab_size=11)
     train(golden, data, val, _resume_cfg(), on_metrics=lambda s, m: None, checkpoint_dir=tmp_path / "golden")
-    assert [p.name for p in step_checkpoints(tmp_path / "golden")] == ["step-00000012", "step-00000008"]
+    assert step_checkpoints(tmp_path / "golden") == []  # a finished run keeps only its final weights
 
     def crash(step, metrics):
         if step == crash_at:
@@ -196,14 +196,13 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
     torch.manual_seed(0)
     model = build_model(GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8), vocab_size=11)
-    train(
-        model,
-        _tokens(),
-        _tokens(seed=1),
-        _resume_cfg(max_steps=8),
-        on_metrics=lambda s, m: None,
-        checkpoint_dir=tmp_path,
-    )
+
+    def crash(step, metrics):
+        if step == 9:
+            raise Crash
+
+    with pytest.raises(Crash):  # interrupted: its step checkpoints 4 and 8 stay for a resume
+        train(model, _tokens(), _tokens(seed=1), _resume_cfg(), on_metrics=crash, checkpoint_dir=tmp_path)
     newest = tmp_path / "step-00000008"
     (newest / "train_state.safetensors").write_bytes(b"truncated")
     latest, rejected = latest_checkpoint(tmp_path)

@@ -1,0 +1,136 @@
+"""Crash and resume with real processes: SIGKILL `lmp run` mid-training, run it again, and get the same
+MLflow run, a metric history without gaps or duplicates, and weights bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+PIPELINE = {
+    "default": "crashy",
+    "pipelines": {
+        "crashy": {
+            "data": {"source": "builtin", "plays": ["macbeth"], "max_chars": 60000},
+            "model": {"kind": "gpt", "num_layers": 2, "num_heads": 2, "embed_dim": 64, "context_length": 64},
+            "train": {
+                "max_steps": 300,
+                "batch_size": 16,
+                "warmup_steps": 10,
+                "eval_interval": 100,
+                "eval_tokens": 1024,
+                "log_interval": 1,
+                "checkpoint_interval": 50,
+                "precision": "fp32",
+            },
+            "eval": {"max_new_tokens": 8},
+        }
+    },
+}
+LMP = str(Path(sys.executable).with_name("lmp"))
+
+
+def _project(path: Path) -> Path:
+    path.mkdir()
+    (path / "pipelines.yaml").write_text(yaml.safe_dump(PIPELINE))
+    return path
+
+
+def _env(path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    return env | {"TMPDIR": str(path)}
+
+
+def _run(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LMP, "run", *args], cwd=path, env=_env(path), capture_output=True, text=True, timeout=300)
+
+
+def _final_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    [final] = list((path / ".lmp" / "runs").glob("*/final/model.safetensors"))
+    return load_file(str(final))
+
+
+def _runs(path: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    return client, client.search_runs([client.get_experiment_by_name("crashy").experiment_id])
+
+
+def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
+    golden_dir, crash_dir = _project(tmp_path / "golden"), _project(tmp_path / "crash")
+    golden = _run(golden_dir)
+    assert golden.returncode == 0, golden.stderr[-2000:]
+
+    proc = subprocess.Popen(
+        [LMP, "run"],
+        cwd=crash_dir,
+        env=_env(crash_dir),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    checkpoint = None
+    while checkpoint is None and time.monotonic() < deadline and proc.poll() is None:
+        found = list((crash_dir / ".lmp" / "runs").glob("*/step-00000150/MANIFEST.json"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
+    assert checkpoint is not None, "training finished or timed out before the checkpoint at step 150"
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Prefect server it started
+    proc.wait(timeout=30)
+    assert not (crash_dir / ".lmp" / "runs" / checkpoint.parent.parent.name / "final").exists()
+
+    client, [run] = _runs(crash_dir)
+    assert run.info.status == "RUNNING"  # what a hard kill leaves behind
+
+    resumed = _run(crash_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+
+    client, runs = _runs(crash_dir)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same MLflow run, continued
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 301))  # no gap, no duplicate
+    for name, tensor in _final_weights(golden_dir).items():
+        assert (tensor == _final_weights(crash_dir)[name]).all(), name
+
+
+def test_resume_is_refused_when_the_model_changed_and_fresh_starts_over(tmp_path):
+    project = _project(tmp_path / "p")
+    proc = subprocess.Popen(
+        [LMP, "run"],
+        cwd=project,
+        env=_env(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not list((project / ".lmp" / "runs").glob("*/step-00000050/MANIFEST.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    changed = yaml.safe_load((project / "pipelines.yaml").read_text())
+    changed["pipelines"]["crashy"]["model"]["embed_dim"] = 32
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(changed))
+    refused = _run(project)
+    assert refused.returncode == 2
+    assert "model.embed_dim" in " ".join(refused.stderr.split()) and "--fresh" in refused.stderr
+
+    fresh = _run(project, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    client, runs = _runs(project)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
