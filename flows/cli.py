@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -171,11 +172,19 @@ def ui(
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     console.print(f"MLflow UI for {uri} at [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
     proc = subprocess.Popen(args, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too, not only Ctrl-C
     try:
         proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # mlflow's workers exit a few seconds after their parent: wait for them
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ SCHEDULE_KEYS = (
     "train.log_interval",
     "train.checkpoint_interval",
     "train.keep_checkpoints",
-    "description",
 )
 PID_TAG, HOST_TAG = "lmp.pid", "lmp.host"
 
@@ -72,9 +71,8 @@ def reconcile_stale(client: MlflowClient, experiment_id: str) -> list[str]:
 
 def changed_keys(old_params: dict[str, str], spec_params: dict[str, object]) -> list[str]:
     """Config keys whose value differs between the interrupted run and now (schedule keys excepted)."""
-    new = {k: str(v)[:6000] for k, v in spec_params.items()}
-    keys = sorted(k for k in old_params.keys() | new.keys() if "." in k or k == "description")
-    return [k for k in keys if k not in SCHEDULE_KEYS and k in new and old_params.get(k) != new.get(k)]
+    new = {k: str(v)[:6000] for k, v in spec_params.items() if "." in k}  # config sections, not model-card params
+    return sorted(k for k, v in new.items() if k not in SCHEDULE_KEYS and old_params.get(k) != v)
 
 
 def prepare_resume(spec, workdir: str | Path, fresh: bool) -> Resume | None:
