@@ -64,31 +64,32 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """Decoder-only Transformer language model. ``forward(tokens (B, T)) → LMOutput(logits (B, T, V))``."""
+class Transformer(nn.Module):
+    """The shared trunk: token + learned position embeddings → blocks → final norm. ``encode()`` gives
+    (B, T, C) features; subclasses add the head and the objective (GPT: causal; Encoder: bidirectional)."""
 
-    objective = "causal"
-
-    def __init__(self, cfg: GPTConfig, vocab_size: int):
+    def __init__(self, cfg: GPTConfig, vocab_size: int, *, causal: bool, extra_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.vocab_size = vocab_size
-        self.token_embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.token_embedding = nn.Embedding(vocab_size + extra_tokens, cfg.embed_dim)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.bias)
+            Block(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.bias, causal=causal)
             for _ in range(cfg.num_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.embed_dim, vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight  # tied input/output embeddings
+        self._add_head()
         self.apply(self._init_weights)
         # GPT-2 scaling of residual projections by depth.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    def _add_head(self) -> None:
+        """Subclasses add output modules here, before initialisation."""
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -108,6 +109,32 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
+    def num_parameters(self, *, non_embedding: bool = False) -> int:
+        """Parameters counted once (a tied output matrix is the input embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token ≈ 6·N + 12·L·d·T (N: non-embedding params + the tied output matrix)."""
+        cfg = self.cfg
+        n = self.num_parameters(non_embedding=True) + self.vocab_size * cfg.embed_dim
+        return 6.0 * n + 12.0 * cfg.num_layers * cfg.embed_dim * cfg.context_length
+
+
+class GPT(Transformer):
+    """Decoder-only Transformer language model. ``forward(tokens (B, T)) → LMOutput(logits (B, T, V))``."""
+
+    objective = "causal"
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size, causal=True)
+
+    def _add_head(self) -> None:
+        self.lm_head = nn.Linear(self.cfg.embed_dim, self.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied input/output embeddings
+
     def forward(self, tokens: torch.Tensor, state: object = None) -> LMOutput:
         """``state`` is accepted for interface symmetry; the GPT recomputes its context."""
         return LMOutput(self.lm_head(self.encode(tokens)), None)
@@ -115,16 +142,3 @@ class GPT(nn.Module):
     def score(self, window: torch.Tensor, state: object = None, generator: torch.Generator | None = None):
         """Next-token loss over a (B, T + 1) window: (nll sum, tokens scored, state)."""
         return causal_score(self, window, state)
-
-    def num_parameters(self, *, non_embedding: bool = False) -> int:
-        """Parameters counted once (the tied output matrix is the input embedding)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
-        return n
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token ≈ 6·N + 12·L·d·T (N: non-embedding params + tied output)."""
-        cfg = self.cfg
-        n = self.num_parameters(non_embedding=True) + self.lm_head.weight.numel()
-        return 6.0 * n + 12.0 * cfg.num_layers * cfg.embed_dim * cfg.context_length

@@ -66,28 +66,32 @@ def _runs(path: Path):
     return client, client.search_runs([client.get_experiment_by_name("crashy").experiment_id])
 
 
+def _kill_after_checkpoint(project: Path, step: int) -> Path:
+    """Start `lmp run`, wait for the step checkpoint to be complete, SIGKILL the CLI and its Prefect server."""
+    proc = subprocess.Popen(
+        [LMP, "run"],
+        cwd=project,
+        env=_env(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, found = time.monotonic() + 240, []
+    while not found and time.monotonic() < deadline and proc.poll() is None:
+        found = list((project / ".lmp" / "runs").glob(f"*/step-{step:08d}/MANIFEST.json"))
+        time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
+    assert found, f"training finished or timed out before the checkpoint at step {step}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return found[0]
+
+
 def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     golden_dir, crash_dir = _project(tmp_path / "golden"), _project(tmp_path / "crash")
     golden = _run(golden_dir)
     assert golden.returncode == 0, golden.stderr[-2000:]
 
-    proc = subprocess.Popen(
-        [LMP, "run"],
-        cwd=crash_dir,
-        env=_env(crash_dir),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    checkpoint = None
-    while checkpoint is None and time.monotonic() < deadline and proc.poll() is None:
-        found = list((crash_dir / ".lmp" / "runs").glob("*/step-00000150/MANIFEST.json"))
-        checkpoint = found[0] if found else None
-        time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
-    assert checkpoint is not None, "training finished or timed out before the checkpoint at step 150"
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Prefect server it started
-    proc.wait(timeout=30)
+    checkpoint = _kill_after_checkpoint(crash_dir, 150)
     assert not (crash_dir / ".lmp" / "runs" / checkpoint.parent.parent.name / "final").exists()
 
     client, [run] = _runs(crash_dir)
@@ -108,20 +112,7 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
 
 def test_resume_is_refused_when_the_model_changed_and_fresh_starts_over(tmp_path):
     project = _project(tmp_path / "p")
-    proc = subprocess.Popen(
-        [LMP, "run"],
-        cwd=project,
-        env=_env(project),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while not list((project / ".lmp" / "runs").glob("*/step-00000050/MANIFEST.json")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_after_checkpoint(project, 50)
 
     changed = yaml.safe_load((project / "pipelines.yaml").read_text())
     changed["pipelines"]["crashy"]["model"]["embed_dim"] = 32
