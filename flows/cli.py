@@ -71,7 +71,9 @@ def run(
     An interrupted earlier run of the same pipeline resumes from its newest valid checkpoint."""
     spec = _spec(config, pipeline)
     from flows import tracking
-    from flows.pipeline import lm_pipeline  # imported late: prefect start-up is not free
+    from flows.pipeline import lm_pipeline  # imported late: prefect, mlflow and torch start-up is not free
+    from flows.resume import STOP
+    from lm.training import TrainingInterrupted
 
     uri = tracking.configure(Path.cwd())
     started = time.perf_counter()
@@ -90,6 +92,9 @@ def run(
     except DataError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except TrainingInterrupted as e:
+        err.print(f"stopped: {escape(str(e))}. Run the same command again to resume.", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + (STOP.signal or signal.SIGTERM)) from None
     wall = time.perf_counter() - started
     metrics = result["metrics"]
     table = Table(title=f"{spec.name}: done", show_header=False)

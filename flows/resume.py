@@ -10,7 +10,11 @@ the resume and names the keys; only schedule keys may change.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,41 @@ SCHEDULE_KEYS = (
     "train.keep_checkpoints",
 )
 PID_TAG, HOST_TAG = "lmp.pid", "lmp.host"
+
+
+class StopRequest:
+    """SIGTERM or a first Ctrl-C asks training to finish its step, checkpoint and stop; a second Ctrl-C
+    interrupts at once. Process-wide; the train task installs it around training and polls ``requested``."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: int | None = None
+
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.event.set()
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """Own SIGTERM and SIGINT while training (Prefect's flow engine installs a SIGTERM handler that
+        aborts mid-step); restore the previous handlers after. Only the main thread can set handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+STOP = StopRequest()
 
 
 class ResumeRefused(DataError):

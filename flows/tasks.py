@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows import registry, tracking
+from flows import resume as resume_mod
 from flows.config import PipelineSpec
 from lm import stages
 from lm.config import DataConfig, TokenizerConfig
@@ -51,7 +52,7 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_len
 def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
     out, resume = Path(workdir) / "runs" / run_id, resume_from and Path(resume_from)
     log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
-    with tracking.MetricSink(run_id, resuming=bool(resume)) as sink:
+    with tracking.MetricSink(run_id, resuming=bool(resume)) as sink, resume_mod.STOP.handling():
         result = stages.fit(
             tokens,
             spec.model,
@@ -61,6 +62,7 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
             on_start=log_card,
             resume_from=resume,
             before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
+            should_stop=resume_mod.STOP.requested,
         )
     summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
     tracking.log_metrics(run_id, summary, step=result["steps"])

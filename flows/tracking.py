@@ -16,6 +16,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from lm.training import TrainingInterrupted  # noqa: E402
+
 STORE_DIR = "mlruns"
 Listener = Callable[[int, Mapping[str, float]], None]
 _listeners: list[Listener] = []  # in-process observers (the CLI's progress bar)
@@ -71,7 +73,7 @@ def tracked_run(
         set_tags(run_id, tags)
     try:
         yield run_id
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted):
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:

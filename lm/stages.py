@@ -66,6 +66,7 @@ def fit(
     on_start: Callable[[dict], None] | None = None,
     resume_from: Path | None = None,
     before_checkpoint: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``.
 
@@ -104,6 +105,7 @@ def fit(
         checkpoint_state=state,
         resume_from=resume_from,
         before_checkpoint=before_checkpoint,
+        should_stop=should_stop,
     )
     return card | {
         "checkpoint": str(result.checkpoint),

@@ -36,6 +36,15 @@ class TrainingError(RuntimeError):
     """Training cannot continue (for example: the loss stayed non-finite)."""
 
 
+class TrainingInterrupted(Exception):
+    """A stop was requested; training finished the step in progress and checkpointed it (if it could)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = f", checkpoint {checkpoint}" if checkpoint else ", no checkpoint directory"
+        super().__init__(f"training stopped on request after step {step}{where}")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
@@ -142,6 +151,7 @@ def train(
     checkpoint_state: Mapping[str, object] | None = None,
     resume_from: Path | None = None,
     before_checkpoint: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` steps; evaluate every ``cfg.eval_interval``.
 
@@ -151,6 +161,8 @@ def train(
     ``cfg.keep_checkpoints`` are kept). ``resume_from`` continues from such a checkpoint; on CPU the
     result is bit-identical to an uninterrupted run. ``before_checkpoint(step)`` runs first, so a metric
     sink can make everything reported up to ``step`` durable before a resume could start from it.
+    ``should_stop()`` is asked after every step; when it says yes, training checkpoints that step and
+    raises TrainingInterrupted (the caller decides what a stop request is: a signal, a deadline).
     """
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -225,6 +237,12 @@ def train(
             val_loss = validate(done)
         if checkpoint_dir is not None and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0:
             checkpoint(done)
+        if should_stop is not None and should_stop() and done < cfg.max_steps:
+            if checkpoint_dir is not None:
+                checkpoint(done)
+            raise TrainingInterrupted(
+                done, Path(checkpoint_dir) / f"{STEP_PREFIX}{done:08d}" if checkpoint_dir else None
+            )
 
     wall = time.perf_counter() - t0
     checkpoint = None

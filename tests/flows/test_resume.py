@@ -125,3 +125,37 @@ def test_resume_is_refused_when_the_model_changed_and_fresh_starts_over(tmp_path
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     client, runs = _runs(project)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+
+def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_the_rerun_resumes(tmp_path):
+    project = _project(tmp_path / "p")
+    proc = subprocess.Popen(
+        [LMP, "run"],
+        cwd=project,
+        env=_env(project),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list((project / ".lmp" / "runs").glob("*/step-00000050/MANIFEST.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
+    proc.send_signal(signal.SIGTERM)  # to the CLI only, as a service manager would
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped: training stopped on request after step" in " ".join(err.split())
+
+    client, [run] = _runs(project)
+    assert run.info.status == "KILLED"
+    stopped_at = max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert list((project / ".lmp" / "runs" / run.info.run_id).glob(f"step-{stopped_at:08d}/MANIFEST.json"))
+
+    resumed = _run(project)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client, [again] = _runs(project)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["lmp.resumed_from_step"] == str(stopped_at)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 301))
