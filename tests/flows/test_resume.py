@@ -66,24 +66,26 @@ def _runs(path: Path):
     return client, client.search_runs([client.get_experiment_by_name("crashy").experiment_id])
 
 
-def _kill_after_checkpoint(project: Path, step: int) -> Path:
-    """Start `lmp run`, wait for the step checkpoint to be complete, SIGKILL the CLI and its Prefect server."""
-    proc = subprocess.Popen(
-        [LMP, "run"],
-        cwd=project,
-        env=_env(project),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _start_until_checkpoint(project: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """Start `lmp run` in its own session and return once its step checkpoint is complete."""
+    with open(project / "lmp.log", "w") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(
+            [LMP, "run"], cwd=project, env=_env(project), start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+        )
     deadline, found = time.monotonic() + 240, []
     while not found and time.monotonic() < deadline and proc.poll() is None:
         found = list((project / ".lmp" / "runs").glob(f"*/step-{step:08d}/MANIFEST.json"))
         time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
     assert found, f"training finished or timed out before the checkpoint at step {step}"
+    return proc, found[0]
+
+
+def _kill_after_checkpoint(project: Path, step: int) -> Path:
+    """SIGKILL the CLI and the Prefect server it started once the step checkpoint is complete."""
+    proc, found = _start_until_checkpoint(project, step)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    return found[0]
+    return found
 
 
 def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
@@ -129,21 +131,10 @@ def test_resume_is_refused_when_the_model_changed_and_fresh_starts_over(tmp_path
 
 def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_the_rerun_resumes(tmp_path):
     project = _project(tmp_path / "p")
-    proc = subprocess.Popen(
-        [LMP, "run"],
-        cwd=project,
-        env=_env(project),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not list((project / ".lmp" / "runs").glob("*/step-00000050/MANIFEST.json")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)  # polling the file system for the checkpoint, bounded by the deadline
+    proc, _ = _start_until_checkpoint(project, 50)
     proc.send_signal(signal.SIGTERM)  # to the CLI only, as a service manager would
-    out, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (project / "lmp.log").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped: training stopped on request after step" in " ".join(err.split())
 
