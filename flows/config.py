@@ -49,6 +49,10 @@ class PipelineSpec(Frozen):
     model: ModelConfig = Field(default_factory=GPTConfig)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    retries: int = Field(default=0, ge=0)
+    """Prefect retries of the train task after an unexpected error; each resumes from the newest checkpoint."""
+    retry_delay_seconds: float = Field(default=10.0, ge=0.0)
+    """Wait before each retry."""
 
     @model_validator(mode="before")
     @classmethod

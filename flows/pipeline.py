@@ -33,7 +33,8 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".", 
         if resume is None:
             tracking.log_dataset(run_id, corpus, describe(spec.data))
         tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
-        trained = tasks.train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
+        train = tasks.train.with_options(retries=spec.retries, retry_delay_seconds=spec.retry_delay_seconds)
+        trained = train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
         evaluated = tasks.evaluate(tokens, trained, spec, run_id)
         registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
         get_run_logger().info("registered %s", registered["uri"])

@@ -11,12 +11,16 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.runtime import task_run
 
-from flows import registry, tracking
+from flows import machine, registry, tracking
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
 from lm import stages
+from lm.checkpoint import latest_checkpoint
 from lm.config import DataConfig, TokenizerConfig
+from lm.errors import DataError
+from lm.training import TrainingError, TrainingInterrupted, resolve_device, resolve_precision
 
 OPTS = {"cache_policy": NONE, "persist_result": False}
 
@@ -48,11 +52,38 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_len
     return tokens
 
 
-@task(name="train", **OPTS)
+def retry_train(task, task_run, state) -> bool:
+    """Retry the train task on unexpected errors (I/O, memory, a dying worker), not on a stop request,
+    a refused resume or a non-finite loss, which a retry would only repeat."""
+    try:
+        state.result()
+    except (TrainingInterrupted, TrainingError, DataError, KeyboardInterrupt):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="train", retry_condition_fn=retry_train, **OPTS)
 def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
-    out, resume = Path(workdir) / "runs" / run_id, resume_from and Path(resume_from)
+    """Train, or continue from the newest valid checkpoint of this run: after an interrupted ``lmp run``
+    (``resume_from``) or when Prefect retries this task after a failure."""
+    log = get_run_logger()
+    out = Path(workdir) / "runs" / run_id
+    resume, rejected = latest_checkpoint(out) if out.exists() else (None, [])
+    for reason in rejected:
+        log.warning("not resuming from a damaged checkpoint: %s", reason)
+    if resume is None and resume_from:
+        resume = Path(resume_from)
+    if resume is not None:
+        log.info("train: resuming from %s (attempt %d)", resume, task_run.run_count)
+        tracking.set_tags(run_id, {"lmp.resumed_from_step": resume.name.split("-")[-1].lstrip("0") or "0"})
+    replaying = resume is not None or task_run.run_count > 1  # steps already in MLflow are not logged again
     log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
-    with tracking.MetricSink(run_id, resuming=bool(resume)) as sink, resume_mod.STOP.handling():
+    device = resolve_device(spec.train.device)
+    peak = machine.peak_flops(device, resolve_precision(spec.train.precision, device))
+    tracking.set_tags(run_id, {"lmp.peak_gflops": f"{peak / 1e9:.1f}"})
+    with tracking.MetricSink(run_id, resuming=replaying) as sink, resume_mod.STOP.handling():
         result = stages.fit(
             tokens,
             spec.model,
@@ -63,9 +94,15 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
             resume_from=resume,
             before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
             should_stop=resume_mod.STOP.requested,
+            peak_flops=peak,
         )
     summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
+    if result["best_step"] is not None:
+        summary["best_step"] = result["best_step"]
     tracking.log_metrics(run_id, summary, step=result["steps"])
+    if result["stopped_early"]:
+        log.info("train: stopped early at step %d; kept the weights of step %d", result["steps"], result["best_step"])
+        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(result["steps"])})
     return result
 
 

@@ -14,11 +14,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from lm.training import TrainingInterrupted  # noqa: E402
 
 STORE_DIR = "mlruns"
+SYSTEM_METRICS_INTERVAL_S = 5  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
 Listener = Callable[[int, Mapping[str, float]], None]
 _listeners: list[Listener] = []  # in-process observers (the CLI's progress bar)
 
@@ -71,15 +73,35 @@ def tracked_run(
         run_id = resume_run_id
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         set_tags(run_id, tags)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resume_run_id is not None
+    )
+    monitor.start()  # CPU, memory, disk, network (and GPU when there is one) as system/* metrics
     try:
         yield run_id
-    except (KeyboardInterrupt, TrainingInterrupted):
+    except (KeyboardInterrupt, TrainingInterrupted) as e:
+        _finish(monitor)
+        set_tags(run_id, {"lmp.stopped": str(e)[:5000] or type(e).__name__})
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
-    except BaseException:
+    except BaseException as e:
+        _finish(monitor)
+        set_tags(run_id, {"lmp.failure": f"{type(e).__name__}: {e}"[:5000]})
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
+    _finish(monitor)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _finish(monitor: SystemMetricsMonitor) -> None:
+    """Stop the system-metrics thread and log one last sample, so even a short run has one."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # monitoring must never fail a run
+        warnings.warn(f"could not log the last system-metrics sample: {e}", stacklevel=2)
 
 
 def log_params(run_id: str, params: Mapping[str, object]) -> None:

@@ -157,7 +157,9 @@ class GPTConfig(Frozen):
     embed_dim: int = Field(default=128, gt=0)
     """Residual stream width."""
     context_length: int = Field(default=128, gt=1)
-    """Maximum tokens attended to (learned positions up to this length)."""
+    """Maximum tokens attended to."""
+    positions: Literal["learned", "rotary"] = "learned"
+    """Learned absolute position embeddings, or rotary embeddings applied to queries and keys."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on attention weights, residual branches and embeddings during training."""
     bias: bool = False
@@ -168,6 +170,11 @@ class GPTConfig(Frozen):
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); change one of them"
+            )
+        if self.positions == "rotary" and (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head width; embed_dim / num_heads is "
+                f"{self.embed_dim // self.num_heads}: change embed_dim or num_heads"
             )
         return self
 
@@ -207,7 +214,13 @@ class TrainConfig(Frozen):
     max_steps: int = Field(default=2000, gt=0)
     """Optimizer steps."""
     batch_size: int = Field(default=32, gt=0)
-    """Sequences per step."""
+    """Sequences per micro-batch."""
+    grad_accumulation: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step (effective batch = batch_size × grad_accumulation)."""
+    batching: Literal["random", "streams"] = "random"
+    """`random`: windows at seeded random offsets. `streams`: the split cut into batch_size contiguous
+    streams read window after window, a recurrent model's state carried (detached) from one window to the
+    next — truncated back-propagation through time, the classic way to train an LSTM LM."""
     learning_rate: float = Field(default=1e-3, gt=0.0)
     """Peak learning rate reached after warm-up."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
@@ -228,6 +241,12 @@ class TrainConfig(Frozen):
     """Evaluate on a fixed validation subset every N steps (and at the end)."""
     eval_tokens: int = Field(default=65536, gt=0)
     """Validation tokens used for the periodic estimate (the final evaluation uses the whole split)."""
+    early_stopping_patience: int = Field(default=0, ge=0)
+    """Stop after this many periodic evaluations without improvement and keep the best weights (0: off)."""
+    max_nonfinite_steps: int = Field(default=5, gt=0)
+    """Fail the run after this many steps with a NaN/inf loss or gradient (each is skipped, not applied)."""
+    compile: bool = False
+    """Compile the training step with `torch.compile` (pays compilation time up front)."""
     log_interval: int = Field(default=10, gt=0)
     """Report training metrics every N steps."""
     checkpoint_interval: int = Field(default=0, ge=0)

@@ -67,6 +67,7 @@ def fit(
     resume_from: Path | None = None,
     before_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    peak_flops: float | None = None,
 ) -> dict:
     """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``.
 
@@ -106,6 +107,7 @@ def fit(
         resume_from=resume_from,
         before_checkpoint=before_checkpoint,
         should_stop=should_stop,
+        peak_flops=peak_flops,
     )
     return card | {
         "checkpoint": str(result.checkpoint),
@@ -113,6 +115,8 @@ def fit(
         "train_loss": result.train_loss,
         "wall_seconds": result.wall_seconds,
         "tokens_per_second": result.tokens_per_second,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
     }
 
 

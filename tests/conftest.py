@@ -17,9 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm.config import GPTConfig, TrainConfig  # noqa: E402
 
 
-@pytest.fixture
-def tiny_gpt() -> GPTConfig:
-    return GPTConfig(num_layers=2, num_heads=2, embed_dim=16, context_length=16)
+@pytest.fixture(params=["learned", "rotary"])
+def tiny_gpt(request) -> GPTConfig:
+    """A tiny GPT, once with learned and once with rotary positions."""
+    return GPTConfig(num_layers=2, num_heads=2, embed_dim=16, context_length=16, positions=request.param)
 
 
 @pytest.fixture

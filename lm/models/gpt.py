@@ -15,8 +15,24 @@ from lm.config import GPTConfig
 from lm.models.base import LMOutput, causal_score
 
 
+def rotary_tables(length: int, head_dim: int, device: torch.device, base: float = 10000.0) -> tuple:
+    """(cos, sin), each (length, head_dim / 2): the rotation angles of rotary position embeddings."""
+    inverse = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys pairwise (first half with second half) by position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; ``causal`` masks the future (decoder) or not (encoder)."""
+    """Multi-head self-attention; ``causal`` masks the future (decoder) or not (encoder).
+
+    ``rope`` — the (cos, sin) tables of ``rotary_tables`` — rotates queries and keys (rotary positions).
+    """
 
     def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool, causal: bool = True):
         super().__init__()
@@ -26,11 +42,13 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         B, T, C = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -59,14 +77,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(embed_dim, bias=bias)
         self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """The shared trunk: token + learned position embeddings → blocks → final norm. ``encode()`` gives
-    (B, T, C) features; subclasses add the head and the objective (GPT: causal; Encoder: bidirectional)."""
+    """The shared trunk: token (+ learned position) embeddings → blocks → final norm. ``encode()`` gives
+    (B, T, C) features; subclasses add the head and the objective (GPT: causal; Encoder: bidirectional).
+    With ``positions: rotary`` there is no position embedding: attention rotates queries and keys."""
 
     def __init__(self, cfg: GPTConfig, vocab_size: int, *, causal: bool, extra_tokens: int = 0):
         super().__init__()
@@ -74,7 +93,8 @@ class Transformer(nn.Module):
         self.context_length = cfg.context_length
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size + extra_tokens, cfg.embed_dim)
-        self.position_embedding = nn.Embedding(cfg.context_length, cfg.embed_dim)
+        self.rotary = cfg.positions == "rotary"
+        self.position_embedding = None if self.rotary else nn.Embedding(cfg.context_length, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.bias, causal=causal)
@@ -103,17 +123,23 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if T > self.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
-        pos = torch.arange(T, device=tokens.device)
-        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(pos))  # (B, T, C)
+        x = self.token_embedding(tokens)  # (B, T, C)
+        rope = None
+        if self.rotary:
+            rope = rotary_tables(T, self.cfg.embed_dim // self.cfg.num_heads, tokens.device)
+        else:
+            x = x + self.position_embedding(torch.arange(T, device=tokens.device))
+        x = self.dropout(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return self.ln_f(x)
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         """Parameters counted once (a tied output matrix is the input embedding)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+            n -= self.token_embedding.weight.numel()
+            n -= self.position_embedding.weight.numel() if self.position_embedding is not None else 0
         return n
 
     def flops_per_token(self) -> float:

@@ -38,6 +38,8 @@ def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store
         assert key in run.data.metrics
     assert run.data.tags["data_digest"] == result["data_digest"]
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert 0 < run.data.metrics["mfu"] < 1 and float(run.data.tags["lmp.peak_gflops"]) > 0
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)  # MLflow system metrics
 
     reg = result["registered"]
     assert reg["name"] == "smoke" and reg["uri"] == f"models:/smoke/{reg['version']}"

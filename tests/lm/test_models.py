@@ -73,3 +73,25 @@ def test_bf16_autocast_agrees_with_fp32(cfg):
             half = torch.log_softmax(model(tokens).logits.float(), -1)
     assert (full - half).abs().max() < 0.05  # bf16 keeps ~3 significant digits
     assert (full.argmax(-1) == half.argmax(-1)).float().mean() > 0.9
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    from lm.models.gpt import apply_rotary, rotary_tables
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = rotary_tables(20, 8, torch.device("cpu"))
+
+    def score(m, n):
+        return (apply_rotary(q, cos[m : m + 1], sin[m : m + 1]) * apply_rotary(k, cos[n : n + 1], sin[n : n + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(15, 12))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_rotary_model_has_no_position_table():
+    cfg = GPTConfig(num_layers=1, num_heads=2, embed_dim=8, context_length=8, positions="rotary")
+    model = build_model(cfg, vocab_size=5)
+    assert not any("position" in name for name in model.state_dict())
+    with pytest.raises(ValueError, match="even head width"):
+        GPTConfig(num_layers=1, num_heads=2, embed_dim=6, positions="rotary")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lm.checkpoint import verify_checkpoint
-from lm.config import GPTConfig, TrainConfig
+from lm.checkpoint import load_checkpoint, verify_checkpoint
+from lm.config import GPTConfig, LSTMConfig, TrainConfig
 from lm.models import build_model
-from lm.training import BatchSampler, TrainingError, lr_at, make_optimizer, train
+from lm.training import BatchSampler, StreamSampler, TrainingError, lr_at, make_optimizer, train
 
 
 def _tokens(n=4000, vocab=11, seed=0):
@@ -52,8 +52,27 @@ def test_batches_are_seeded():
     tokens = _tokens()
     a = BatchSampler(tokens, context_length=8, batch_size=3, seed=1)
     b = BatchSampler(tokens, context_length=8, batch_size=3, seed=1)
-    assert torch.equal(a.next(), b.next())
-    assert a.next().shape == (3, 9)
+    (wa, continues), (wb, _) = a.next(), b.next()
+    assert torch.equal(wa, wb) and not continues
+    assert a.next()[0].shape == (3, 9)
+
+
+def test_stream_windows_continue_each_other_and_restart_at_a_new_offset():
+    tokens = np.arange(1000, dtype=np.uint16)  # token value = position: continuity is visible
+    s = StreamSampler(tokens, context_length=10, batch_size=4, seed=3)
+    first, continues = s.next()
+    assert not continues and first.shape == (4, 11)
+    starts = first[:, 0].tolist()
+    assert len({b - a for a, b in zip(starts, starts[1:], strict=False)}) == 1  # evenly spaced streams
+    second, continues = s.next()
+    assert continues and torch.equal(second[:, 0], first[:, -1])  # row b picks up where row b stopped
+    for _ in range(s.windows - 2):
+        s.next()
+    restart, continues = s.next()  # a new pass over the streams
+    assert not continues and s.position == s.windows + 1
+    again = StreamSampler(tokens, context_length=10, batch_size=4, seed=3)
+    again.position = s.windows  # the position alone determines the window: exact resume
+    assert torch.equal(again.next()[0], restart)
 
 
 def test_too_little_data_is_a_clear_error():
@@ -121,8 +140,103 @@ def test_non_finite_loss_stops_training(tiny_gpt):
     cfg = TrainConfig(
         max_steps=20, batch_size=2, warmup_steps=1, eval_interval=20, eval_tokens=64, precision="fp32", device="cpu"
     )
-    with pytest.raises(TrainingError, match="non-finite for 5 steps"):
+    with pytest.raises(TrainingError, match="non-finite loss or gradient norm on 5 steps"):
         train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: None)
+
+
+def test_nan_midway_fails_after_the_bound_and_keeps_the_last_good_checkpoint(tmp_path):
+    from lm.checkpoint import latest_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8), vocab_size=11)
+    real_score = model.score
+
+    def poisoned(window, state=None, generator=None):  # finite until step 6, NaN from then on
+        nll, count, state = real_score(window, state, generator)
+        return (nll * float("nan") if len(seen) >= 5 else nll), count, state
+
+    seen: list[int] = []
+    model.score = poisoned
+    cfg = _resume_cfg(max_steps=40, max_nonfinite_steps=3, log_interval=1, eval_interval=100)
+    with pytest.raises(TrainingError, match=r"on 3 steps \(train.max_nonfinite_steps\), the last at step 8"):
+        train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: seen.append(s), checkpoint_dir=tmp_path)
+    assert seen == [1, 2, 3, 4, 5]  # nothing is reported for skipped steps
+    latest, rejected = latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "step-00000004" and rejected == []
+    fresh = build_model(GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8), vocab_size=11)
+    assert load_checkpoint(latest, fresh)["step"] == 4
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    mcfg = GPTConfig(num_layers=1, num_heads=2, embed_dim=16, context_length=8)
+    models = []
+    for batch, accumulation in [(8, 1), (4, 2)]:
+        torch.manual_seed(0)
+        model = build_model(mcfg, vocab_size=11)
+        cfg = _resume_cfg(max_steps=1, batch_size=batch, grad_accumulation=accumulation, checkpoint_interval=0)
+        train(model, _tokens(), _tokens(seed=1), cfg, on_metrics=lambda s, m: None)
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path):
+    # Train on one pattern, validate on another: the validation loss rises after the first evaluations.
+    train_tokens = (np.arange(4000) % 2).astype(np.uint16)
+    val_tokens = (np.arange(4000) // 2 % 2).astype(np.uint16)  # 0 0 1 1: half its transitions never trained
+    mcfg = GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8)
+    cfg = _resume_cfg(
+        max_steps=300, learning_rate=0.05, eval_interval=2, early_stopping_patience=2, checkpoint_interval=0
+    )
+    evals: list[tuple[int, float]] = []
+    snapshots: dict[int, dict] = {}
+    torch.manual_seed(0)
+    model = build_model(mcfg, vocab_size=11)
+
+    def record(step, metrics):
+        if "val_loss_estimate" in metrics:
+            evals.append((step, metrics["val_loss_estimate"]))
+            snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result = train(model, train_tokens, val_tokens, cfg, on_metrics=record, checkpoint_dir=tmp_path)
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert result.stopped_early and result.steps < 300
+    assert result.best_step == best_step and result.val_loss == best_loss
+    assert [s for s, _ in evals][-1] == result.steps == best_step + 2 * 2  # two evaluations without improvement
+    assert not (tmp_path / "best").exists()
+    saved = build_model(mcfg, vocab_size=11)
+    assert load_checkpoint(result.checkpoint, saved)["step"] == result.steps
+    for name, value in saved.state_dict().items():
+        assert torch.equal(value, snapshots[best_step][name]), name  # the best weights, not the last
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_stream_batching_carries_lstm_state_and_resumes_bit_identically(tmp_path):
+    from lm.checkpoint import latest_checkpoint
+
+    mcfg = LSTMConfig(kind="lstm", num_layers=1, embed_dim=8, hidden_dim=16, context_length=8)
+    cfg = _resume_cfg(batching="streams", max_steps=30, checkpoint_interval=5)  # several passes over the streams
+    data, val = _tokens(n=600), _tokens(seed=1)
+    torch.manual_seed(0)
+    golden = build_model(mcfg, vocab_size=11)
+    train(golden, data, val, cfg, on_metrics=lambda s, m: None)
+
+    def crash(step, metrics):
+        if step == 13:
+            raise Crash
+
+    torch.manual_seed(0)
+    model = build_model(mcfg, vocab_size=11)
+    with pytest.raises(Crash):
+        train(model, data, val, cfg, on_metrics=crash, checkpoint_dir=tmp_path)
+    latest, _ = latest_checkpoint(tmp_path)
+    assert latest.name == "step-00000010"
+    torch.manual_seed(5)
+    resumed = build_model(mcfg, vocab_size=11)
+    train(resumed, data, val, cfg, on_metrics=lambda s, m: None, checkpoint_dir=tmp_path, resume_from=latest)
+    for (name, a), (_, b) in zip(golden.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 class Crash(Exception):

@@ -1,0 +1,152 @@
+"""Start Prefect's temporary API server early, so it boots while we import torch, MLflow and Prefect.
+
+Without ``PREFECT_API_URL`` Prefect starts the same server lazily, at the first flow call, and waits
+for it there: ≈ 5 s on this machine, during which nothing else happens. ``start()`` launches it first
+thing in ``lmp run`` (the same uvicorn command Prefect uses, on a free local port) and points
+``PREFECT_API_URL`` at it; ``ready()`` waits for its health check just before the flow starts. The
+server lives exactly as long as this process: it is stopped at exit and, on Linux, receives SIGTERM
+if this process dies without stopping it.
+
+This module must not import Prefect: that import is part of what the server start overlaps with.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+class ServerError(RuntimeError):
+    """The temporary Prefect server did not come up."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class TemporaryServer:
+    """A Prefect API server for this process only (``PREFECT_API_URL`` set while it runs)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path, self.port, self.process = Path(log_path), _free_port(), None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> TemporaryServer:
+        spec = importlib.util.find_spec("prefect")
+        app_dir = Path(next(iter(spec.submodule_search_locations))).parent
+        command = [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C in the terminal must not kill it while a checkpoint is written
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        os.environ["PREFECT_API_URL"] = self.api_url
+        atexit.register(self.stop)
+        return self
+
+    def ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Block until the server answers its health check; raise ServerError with its log if it cannot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the temporary Prefect server exited with {self.process.returncode}: {self._log()}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"the temporary Prefect server did not answer within {timeout:.0f} s: {self._log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if os.environ.get("PREFECT_API_URL") == self.api_url:
+            del os.environ["PREFECT_API_URL"]
+
+    def _log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:] or "(no output)"
+        except OSError:
+            return "(no log)"
+
+
+def _configured_in_files() -> bool:
+    """Whether the active Prefect profile, ./prefect.toml or ./.env sets an API URL (read without Prefect)."""
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        data = tomllib.loads(profiles.read_text())
+        active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+        if data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"):
+            return True
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        if tomllib.loads(Path("prefect.toml").read_text()).get("api", {}).get("url"):
+            return True
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        return any(line.strip().startswith("PREFECT_API_URL=") for line in Path(".env").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def api_configured() -> bool:
+    """True when Prefect already has an API to talk to (environment, profile, settings file, test harness)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect" in sys.modules:  # already imported: ask it (covers temporary_settings, e.g. a test harness)
+        from prefect.settings import get_current_settings
+
+        return bool(get_current_settings().api.url)
+    return _configured_in_files()
+
+
+def start_if_needed(log_path: Path) -> TemporaryServer | None:
+    """Start a temporary server unless Prefect is already pointed at one."""
+    return None if api_configured() else TemporaryServer(log_path).start()
