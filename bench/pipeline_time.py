@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -29,7 +30,8 @@ def one_run(pipeline: str, target: float, scratch: Path) -> dict:
 
     lmp = Path(sys.executable).with_name("lmp")
     started = time.time()
-    subprocess.run([str(lmp), "run", pipeline], cwd=scratch, check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set_tracking_uri below exports it
+    subprocess.run([str(lmp), "run", pipeline], cwd=scratch, env=env, check=True, capture_output=True)
     wall = time.time() - started
     mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlruns' / 'mlflow.db'}")
     client = MlflowClient()

@@ -83,9 +83,11 @@ def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints."""
+    """Delete all but the newest ``keep`` step checkpoints, and temporary directories a killed writer left."""
     for old in step_checkpoints(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in Path(root).glob(f".{STEP_PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

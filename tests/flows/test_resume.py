@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 PIPELINE = {
@@ -88,11 +89,27 @@ def _kill_after_checkpoint(project: Path, step: int) -> Path:
     return found
 
 
-def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
-    golden_dir, crash_dir = _project(tmp_path / "golden"), _project(tmp_path / "crash")
-    golden = _run(golden_dir)
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory) -> Path:
+    """An uninterrupted run of the crash pipeline to compare resumed runs with."""
+    path = _project(tmp_path_factory.mktemp("golden") / "p")
+    golden = _run(path)
     assert golden.returncode == 0, golden.stderr[-2000:]
+    return path
 
+
+def _assert_resumed_like_golden(crash_dir: Path, golden_dir: Path, run_id: str) -> None:
+    client, runs = _runs(crash_dir)
+    assert [r.info.run_id for r in runs] == [run_id]  # the same MLflow run, continued
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert steps == list(range(1, 301))  # no gap, no duplicate
+    for name, tensor in _final_weights(golden_dir).items():
+        assert (tensor == _final_weights(crash_dir)[name]).all(), name
+
+
+def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path, golden_dir):
+    crash_dir = _project(tmp_path / "crash")
     checkpoint = _kill_after_checkpoint(crash_dir, 150)
     assert not (crash_dir / ".lmp" / "runs" / checkpoint.parent.parent.name / "final").exists()
 
@@ -103,13 +120,42 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout
 
-    client, runs = _runs(crash_dir)
-    assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same MLflow run, continued
-    assert runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == list(range(1, 301))  # no gap, no duplicate
-    for name, tensor in _final_weights(golden_dir).items():
-        assert (tensor == _final_weights(crash_dir)[name]).all(), name
+    _assert_resumed_like_golden(crash_dir, golden_dir, run.info.run_id)
+
+
+KILL_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+import lm.checkpoint as checkpoint
+real_save_file = checkpoint.save_file
+def save_file(tensors, path, *args, **kwargs):  # the optimizer/RNG tensors: written after the weights
+    real_save_file(tensors, path, *args, **kwargs)
+    if "step-00000150" in str(path):  # the third checkpoint: die before its manifest and rename
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = save_file
+from flows.cli import main
+sys.argv = ["lmp", "run"]
+main()
+"""
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, golden_dir):
+    crash_dir = _project(tmp_path / "crash")
+    crashed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHECKPOINT_WRITE], cwd=crash_dir, env=_env(crash_dir),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL
+    runs_dir = crash_dir / ".lmp" / "runs"
+    [run_dir] = list(runs_dir.iterdir())
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step-")) == ["step-00000050", "step-00000100"]
+    assert [p for p in run_dir.iterdir() if "150" in p.name], "the half-written checkpoint is left in its temp dir"
+
+    resumed = _run(crash_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_resumed_like_golden(crash_dir, golden_dir, run_dir.name)
+    client, [run] = _runs(crash_dir)
+    assert run.data.tags["lmp.resumed_from_step"] == "100"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # the leftover temp dir is cleaned up
 
 
 def test_resume_is_refused_when_the_model_changed_and_fresh_starts_over(tmp_path):
