@@ -27,6 +27,10 @@ class LanguageModel(Protocol):
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
+    # Causal models also decode incrementally — ``decode(tokens, state) → LMOutput(logits, new state)``,
+    # the state being a KV cache (GPT) or the recurrent state (LSTM) — and say how many tokens that
+    # state may hold (``decode_limit``: None for unlimited).
+
     def score(self, window: torch.Tensor, state: Any = None, generator: torch.Generator | None = None) -> tuple:
         """Training/evaluation loss on a (B, T + 1) token window: (nll sum, targets scored, new state)."""
         ...

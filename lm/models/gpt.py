@@ -28,6 +28,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the tokens decoded so far, per layer: (B, nh, T, hs) each. Grows by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys/values for ``layer``; return all of them."""
+        past = self.layers[layer]
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; ``causal`` masks the future (decoder) or not (encoder).
 
@@ -42,15 +58,20 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:  # decoding: attend to every earlier token too
+            k, v = cache.extend(layer, k, v)
+        # One new token attends to all cached ones; a prompt (cache empty before it) is masked causally.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal and T > 1, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -77,8 +98,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(embed_dim, bias=bias)
         self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,18 +143,27 @@ class Transformer(nn.Module):
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) → final hidden states (B, T, C), after the last layer norm."""
-        T = tokens.shape[1]
-        if T > self.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
+        return self._hidden(tokens)
+
+    def _hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk; with ``cache``, ``tokens`` continue the sequence the cache holds (and extend it)."""
+        T, offset = tokens.shape[1], cache.length if cache is not None else 0
+        if offset + T > self.context_length:
+            raise ValueError(f"sequence length {offset + T} exceeds context_length {self.context_length}")
+        if cache is not None and offset and T > 1:
+            raise ValueError("a KV cache is extended one token at a time after the prompt")
         x = self.token_embedding(tokens)  # (B, T, C)
         rope = None
         if self.rotary:
-            rope = rotary_tables(T, self.cfg.embed_dim // self.cfg.num_heads, tokens.device)
+            cos, sin = rotary_tables(offset + T, self.cfg.embed_dim // self.cfg.num_heads, tokens.device)
+            rope = (cos[offset:], sin[offset:])
         else:
-            x = x + self.position_embedding(torch.arange(T, device=tokens.device))
+            x = x + self.position_embedding(torch.arange(offset, offset + T, device=tokens.device))
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.length += T
         return self.ln_f(x)
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
@@ -164,6 +196,17 @@ class GPT(Transformer):
     def forward(self, tokens: torch.Tensor, state: object = None) -> LMOutput:
         """``state`` is accepted for interface symmetry; the GPT recomputes its context."""
         return LMOutput(self.lm_head(self.encode(tokens)), None)
+
+    @property
+    def decode_limit(self) -> int:
+        """Tokens a decoding state can hold (prompt + generated) before it must be rebuilt."""
+        return self.context_length
+
+    def decode(self, tokens: torch.Tensor, state: KVCache | None = None) -> LMOutput:
+        """Incremental decoding: logits for ``tokens`` (the prompt, then one token per call) given the
+        KV cache of the earlier calls, and the extended cache as the new state."""
+        cache = state if state is not None else KVCache(len(self.blocks))
+        return LMOutput(self.lm_head(self._hidden(tokens, cache)), cache)
 
     def score(self, window: torch.Tensor, state: object = None, generator: torch.Generator | None = None):
         """Next-token loss over a (B, T + 1) window: (nll sum, tokens scored, state)."""

@@ -49,6 +49,12 @@ class LSTMLM(nn.Module):
         logits = self.head(self.projection(self.dropout(hidden)))  # (B, T, V)
         return LMOutput(logits, state)
 
+    decode_limit = None  # the carried state has no length limit
+
+    def decode(self, tokens: torch.Tensor, state: tuple | None = None) -> LMOutput:
+        """Incremental decoding: the recurrent state is the decoding state."""
+        return self(tokens, state)
+
     def score(self, window: torch.Tensor, state: tuple | None = None, generator: torch.Generator | None = None):
         """Next-token loss over a (B, T + 1) window, carrying ``state``: (nll sum, tokens scored, state)."""
         return causal_score(self, window, state)
