@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from flows import cli_models
 from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
 from lm.errors import DataError
 
@@ -214,6 +215,10 @@ def ui(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+for _command in (cli_models.compare, cli_models.models, cli_models.promote, cli_models.rollback, cli_models.generate):
+    app.command()(_command)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -38,6 +38,24 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{listing}")
 
 
+METRICS = {"causal": ("val_bpc", "val_loss", "val_perplexity"), "mlm": ("val_mlm_loss", "val_mlm_perplexity")}
+
+
+class PromoteConfig(Frozen):
+    """The gate a new version must pass to become @champion (compared on the same evaluation data)."""
+
+    metric: str = "val_bpc"
+    """Metric compared; an encoder pipeline defaults to `val_mlm_loss`."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (`min`) or higher (`max`) is better."""
+    min_improvement: float = Field(default=0.0, ge=0.0)
+    """How much better than the champion the challenger must be (in the metric's units)."""
+    require_finite: bool = True
+    """A NaN/inf challenger metric never promotes."""
+    auto: bool = True
+    """Run the gate after every registration (otherwise only `lmp promote` moves @champion)."""
+
+
 class PipelineSpec(Frozen):
     """One named pipeline: everything a run needs, validated once."""
 
@@ -53,6 +71,8 @@ class PipelineSpec(Frozen):
     """Prefect retries of the train task after an unexpected error; each resumes from the newest checkpoint."""
     retry_delay_seconds: float = Field(default=10.0, ge=0.0)
     """Wait before each retry."""
+    promote: PromoteConfig = PromoteConfig()
+    """The promotion gate for this pipeline's registered model."""
 
     @model_validator(mode="before")
     @classmethod
@@ -67,7 +87,20 @@ class PipelineSpec(Frozen):
             ):
                 if isinstance(value.get(section), dict) and key not in value[section]:
                     value[section] = {key: default, **value[section]}
+            model, promote = value.get("model"), value.get("promote", {})
+            if isinstance(model, dict) and model.get("kind") == "encoder" and isinstance(promote, dict):
+                value["promote"] = {"metric": "val_mlm_loss", **promote}
         return value
+
+    @model_validator(mode="after")
+    def _promote_metric_is_reported(self) -> PipelineSpec:
+        objective = "mlm" if self.model.kind == "encoder" else "causal"
+        if self.promote.metric not in METRICS[objective]:
+            raise ValueError(
+                f"promote.metric {self.promote.metric!r} is not reported for a {self.model.kind} model; "
+                f"use one of {', '.join(METRICS[objective])}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
@@ -25,7 +27,8 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".", 
     resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
     tags |= process_tags() | ({"lmp.resumed_from_step": str(resume.step)} if resume else {})
-    with tracking.tracked_run(spec.name, str(flow_run.name or spec.name), tags, resume and resume.run_id) as run_id:
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # one naming scheme for every pipeline
+    with tracking.tracked_run(spec.name, run_name, tags, resume and resume.run_id) as run_id:
         if resume is None:
             tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
         corpus = tasks.ingest(spec.data, workdir, base_dir, context)
@@ -36,7 +39,8 @@ def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".", 
         train = tasks.train.with_options(retries=spec.retries, retry_delay_seconds=spec.retry_delay_seconds)
         trained = train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
         evaluated = tasks.evaluate(tokens, trained, spec, run_id)
-        registered = tasks.register(tokens, trained, evaluated, spec, run_id, workdir)
+        registered = tasks.register(corpus, tokens, trained, evaluated, spec, run_id, workdir)
+        tasks.report(tokens, trained, evaluated, registered, spec, run_id)
         get_run_logger().info("registered %s", registered["uri"])
     record_success(workdir, spec.name, corpus["inputs"], tokens["inputs"])
     return {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -11,6 +12,9 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import lm
+from flows import promotion
+from flows.config import PromoteConfig
+from lm.checkpoint import sha256_file
 from lm.generation import GENERATION_DEFAULTS
 
 SERVING_FILE = Path(__file__).with_name("serving.py")
@@ -41,26 +45,14 @@ def requirements() -> list[str]:
     ]
 
 
-def log_and_register(
-    run_id: str,
-    name: str,
-    files: Mapping[str, str],
-    tags: Mapping[str, str],
-    example_prompt: str,
-    *,
-    objective: str = "causal",
-    width: int = 1,
-) -> dict:
-    """Log the model into ``run_id`` and create a new version of registered model ``name``.
-
-    A causal model is packaged text → text (generation params in the signature); an encoder
-    text → feature vector of ``width`` floats.
-    """
+def log_model(run_id: str, files: Mapping[str, str], example_prompt: str, *, objective: str, width: int):
+    """Log the pickle-free pyfunc into ``run_id``. A causal model is packaged text → text (generation
+    params in the signature); an encoder text → feature vector of ``width`` floats."""
     params = dict(GENERATION_DEFAULTS)
     example_output = [example_prompt + "..."] if objective == "causal" else [[0.0] * width]
     signature = infer_signature([example_prompt], example_output, params=params)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
+        return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_FILE),
             artifacts=dict(files),
@@ -69,13 +61,73 @@ def log_and_register(
             input_example=([example_prompt], params | {"max_new_tokens": 8}),
             pip_requirements=requirements(),
         )
+
+
+def log_and_register(
+    run_id: str,
+    name: str,
+    files: Mapping[str, str],
+    tags: Mapping[str, str],
+    example_prompt: str,
+    *,
+    promote: PromoteConfig,
+    objective: str = "causal",
+    width: int = 1,
+    evaluate_champion: Callable | None = None,
+) -> dict:
+    """Log the model, register it (or find the version that already holds these weights), run the gate
+    and move the aliases — @challenger, and @champion/@previous when it passes — as one unit."""
     client = MlflowClient()
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description=f"Language model trained by pipeline {name!r}.")
-    version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+    digest = sha256_file(Path(files["weights"]))
+    existing = client.search_model_versions(f"name = '{name}' and tags.weights_digest = '{digest}'")
+    model_uri = (
+        existing[0].source
+        if existing
+        else log_model(run_id, files, example_prompt, objective=objective, width=width).model_uri
+    )
+    version, created = promotion.register_version(client, name, model_uri, run_id, dict(tags), digest)
+    moves: dict[str, int | None] = {"challenger": int(version.version)}
+    decision = None
+    if promote.auto:
+        decision = promotion.decide(client, name, version, promote, evaluate_champion)
+        for key, value in decision.tags().items():
+            client.set_model_version_tag(name, version.version, key, value)
+        if decision.promoted:
+            if decision.champion_version is not None:
+                moves["previous"] = decision.champion_version
+            moves["champion"] = int(version.version)
+    promotion.move_aliases(client, name, moves)
+    client.set_tag(run_id, "lmp.registered_version", str(version.version))
     return {
         "name": name,
         "version": int(version.version),
         "uri": f"models:/{name}/{version.version}",
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
+        "created": created,
+        "decision": asdict(decision) if decision else None,
     }
+
+
+def champion_evaluator(spec, corpus_path: Path, scratch: Path) -> Callable:
+    """``evaluate_champion(version) → metric`` for the gate: the champion's packaged files downloaded and
+    evaluated on the validation text at ``corpus_path`` (the challenger's data), as ``spec`` evaluates."""
+    from lm import stages
+    from lm.training import resolve_device, resolve_precision
+
+    def evaluate_champion(version) -> float:
+        out = Path(scratch) / f"champion-v{version.version}"
+        uri = f"models:/{version.name}/{version.version}"
+        where = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(out)))
+        names = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
+        files = {key: next(where.rglob(name)) for key, name in names.items()}
+        device = resolve_device(spec.train.device)
+        metrics = stages.evaluate_files(
+            files,
+            corpus_path,
+            batch_size=spec.train.batch_size,
+            device=device,
+            autocast_dtype=resolve_precision(spec.train.precision, device),
+        )
+        return metrics[spec.promote.metric]
+
+    return evaluate_champion

@@ -53,6 +53,7 @@ class LanguageModelPackage(PythonModel):
         from lm.generation import GENERATION_DEFAULTS, generate
 
         p = GENERATION_DEFAULTS | (params or {})
+        stop = str(p.get("stop") or "")
         outputs = []
         for prompt in _prompts(model_input):
             ids = generate(
@@ -61,9 +62,12 @@ class LanguageModelPackage(PythonModel):
                 max_new_tokens=int(p["max_new_tokens"]),
                 temperature=float(p["temperature"]),
                 top_k=int(p["top_k"]) or None,
+                top_p=float(p["top_p"]),
                 seed=int(p["seed"]),
+                stop=(lambda new: stop in self.tokenizer.decode(new)) if stop else None,
             )
-            outputs.append(prompt + self.tokenizer.decode(ids))
+            text = self.tokenizer.decode(ids)
+            outputs.append(prompt + (text[: text.index(stop) + len(stop)] if stop and stop in text else text))
         return outputs
 
     def _features(self, text: str) -> list[float]:

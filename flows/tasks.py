@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
 from flows import machine, registry, tracking
+from flows import report as reporting
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
 from lm import stages
@@ -114,7 +115,11 @@ def evaluate(tokens: dict, trained: dict, spec: PipelineSpec, run_id: str) -> di
 
 
 @task(name="register", **OPTS)
-def register(tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str, workdir: str) -> dict:
+def register(
+    corpus: dict, tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str, workdir: str
+) -> dict:
+    """Register the model (@challenger) and run the promotion gate against @champion on this run's data."""
+    log = get_run_logger()
     files = stages.export_model(
         trained["checkpoint"], tokens, spec.model, spec.eval, Path(workdir) / "runs" / run_id / "export"
     )
@@ -125,6 +130,25 @@ def register(tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, r
         "git_commit": registry.git_commit(),
         **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items()},
     }
-    return registry.log_and_register(
-        run_id, spec.name, files, tags, spec.eval.prompt, objective=trained["objective"], width=trained["feature_dim"]
+    evaluate_champion = registry.champion_evaluator(spec, Path(corpus["path"]), Path(workdir) / "runs" / run_id)
+    result = registry.log_and_register(
+        run_id,
+        spec.name,
+        files,
+        tags,
+        spec.eval.prompt,
+        promote=spec.promote,
+        objective=trained["objective"],
+        width=trained["feature_dim"],
+        evaluate_champion=evaluate_champion,
     )
+    if result["decision"]:
+        verdict = "promoted to @champion" if result["decision"]["promoted"] else "stays @challenger"
+        log.info("gate: version %s %s — %s", result["version"], verdict, result["decision"]["reason"])
+    return result
+
+
+@task(name="report", **OPTS)
+def report(tokens: dict, trained: dict, evaluated: dict, registered: dict, spec: PipelineSpec, run_id: str) -> str:
+    """Loss curve, model card and samples table in MLflow and as Prefect artifacts."""
+    return reporting.publish(spec, run_id, tokens, trained, evaluated, registered)

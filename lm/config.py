@@ -259,7 +259,9 @@ class EvalConfig(Frozen):
     """Final evaluation and the sample shown in the run summary."""
 
     prompt: str = "ROMEO:\n"
-    """Fixed prompt for the generated sample."""
+    """Fixed prompt for the generated sample shown in the run summary."""
+    prompts: tuple[str, ...] = ()
+    """More fixed prompts: each run logs a table of their continuations (with the summary prompt's)."""
     max_new_tokens: int = Field(default=300, ge=0)
     temperature: float = Field(default=0.8, gt=0.0)
     top_k: int | None = Field(default=40, gt=0)

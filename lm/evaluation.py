@@ -11,15 +11,34 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 PROTOCOL = "full split in order; non-overlapping windows of context_length; recurrent state carried within streams"
 
 
+@dataclass(frozen=True)
+class SplitScore:
+    loss: float
+    """Mean nats per predicted token (per masked token for a masked-LM)."""
+    count: int
+    """Tokens predicted."""
+    accuracy: float | None
+    """Next-token accuracy (argmax = target) for a causal model; None for a masked-LM."""
+
+
+def mean_loss(model: torch.nn.Module, tokens: np.ndarray, **options) -> tuple[float, int]:
+    """Mean next-token cross-entropy (nats) over ``tokens`` and the number of tokens predicted
+    (``options`` as for ``score_split``)."""
+    score = score_split(model, tokens, **options)
+    return score.loss, score.count
+
+
 @torch.no_grad()
-def mean_loss(
+def score_split(
     model: torch.nn.Module,
     tokens: np.ndarray,
     *,
@@ -28,8 +47,8 @@ def mean_loss(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     max_tokens: int | None = None,
-) -> tuple[float, int]:
-    """Mean next-token cross-entropy (nats) over ``tokens`` and the number of tokens predicted."""
+) -> SplitScore:
+    """Loss, count and (for a causal model) next-token accuracy over ``tokens`` under the protocol above."""
     data = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens)
     if data.size < 2:
         raise ValueError(f"need at least 2 tokens to evaluate, got {data.size}")
@@ -37,27 +56,33 @@ def mean_loss(
     model.eval()
     device = torch.device(device)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    causal = getattr(model, "objective", "causal") == "causal"
     n, T = data.size - 1, context_length
     streams = max(1, min(batch_size, n // T))
     length = (n // streams) // T * T  # whole windows per stream
-    total, count, state = 0.0, 0, None
+    total, count, correct, state = 0.0, 0, 0, None
     generator = torch.Generator().manual_seed(0)  # masked-LM positions: the same every evaluation
 
     def score(starts: list[int], width: int, state):
         window = torch.from_numpy(np.stack([data[s : s + width + 1] for s in starts]).astype(np.int64)).to(device)
         with amp:
-            nll, scored, state = model.score(window, state, generator)  # (B, width + 1) window
-        return nll.item(), scored, state
+            if not causal:
+                nll, scored, state = model.score(window, state, generator)  # (B, width + 1) window
+                return nll.item(), scored, 0, state
+            out = model(window[:, :-1], state=state)  # the causal objective, plus the argmax for accuracy
+        logits, targets = out.logits.float().flatten(0, 1), window[:, 1:].flatten()
+        nll = F.cross_entropy(logits, targets, reduction="sum")
+        return nll.item(), targets.numel(), int((logits.argmax(-1) == targets).sum()), out.state
 
     for t in range(0, length, T):
-        nll, c, state = score([b * length + t for b in range(streams)], T, state)
-        total, count = total + nll, count + c
+        nll, c, right, state = score([b * length + t for b in range(streams)], T, state)
+        total, count, correct = total + nll, count + c, correct + right
     state = None
     for s in range(streams * length, n, T):  # the remainder, as one more stream
-        nll, c, state = score([s], min(T, n - s), state)
-        total, count = total + nll, count + c
+        nll, c, right, state = score([s], min(T, n - s), state)
+        total, count, correct = total + nll, count + c, correct + right
     model.train(was_training)
-    return total / count, count
+    return SplitScore(total / count, count, correct / count if causal else None)
 
 
 def bits_per_char(nats_per_token: float, tokens: int, chars: int) -> float:

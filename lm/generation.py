@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-GENERATION_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0}
-"""Defaults for served generation; ``top_k`` 0 means no top-k filtering, ``top_p`` 1.0 no nucleus cut."""
+GENERATION_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0, "stop": ""}
+"""Defaults for served generation; ``top_k`` 0 means no top-k filtering, ``top_p`` 1.0 no nucleus cut,
+``stop`` "" no stop string (otherwise generation ends at, and includes, its first occurrence)."""
 
 
 @torch.no_grad()

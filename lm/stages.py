@@ -19,7 +19,7 @@ from lm.checkpoint import load_checkpoint, verify_checkpoint
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
 from lm.errors import DataError
-from lm.evaluation import PROTOCOL, lm_metrics, mean_loss
+from lm.evaluation import PROTOCOL, lm_metrics, mean_loss, score_split
 from lm.generation import generate
 from lm.models import build_model
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
@@ -130,40 +130,49 @@ def load_trained(checkpoint: Path, model_cfg: ModelConfig, vocab_size: int) -> t
 def evaluate(
     tokens: dict, checkpoint: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig
 ) -> dict:
-    """Validation loss / perplexity / bits per char over the whole split, and a generated sample."""
+    """Loss, perplexity, bits per char and next-token accuracy over the whole validation split (and the
+    test split when the corpus has one), the summary sample and one sample per prompt of ``eval_cfg``."""
     device = resolve_device(train_cfg.device)
     amp_dtype = resolve_precision(train_cfg.precision, device)
     model = load_trained(checkpoint, model_cfg, tokens["vocab_size"]).to(device)
-    val_split = _split(tokens, "val")
-    loss, count = mean_loss(
-        model,
-        val_split,
-        context_length=model.context_length,
-        batch_size=train_cfg.batch_size,
-        device=device,
-        autocast_dtype=amp_dtype,
-    )
     tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
-    if model.objective == "mlm":  # masked-token loss is not a text likelihood: no bits per character
-        metrics = {"val_mlm_loss": loss, "val_mlm_perplexity": math.exp(min(loss, 50.0)), "val_mlm_targets": count}
-        sample = fill_in_sample(model, tok, val_split, device=device)
-        return {"metrics": metrics, "protocol": PROTOCOL + "; masked positions seeded", "sample": sample}
-    # Characters covered by the predicted tokens (all but the first), for bits per character.
-    chars = tokens["chars"]["val"] * count / tokens["tokens"]["val"]
-    new = generate(
-        model,
-        tok.encode(eval_cfg.prompt),
-        max_new_tokens=eval_cfg.max_new_tokens,
-        temperature=eval_cfg.temperature,
-        top_k=eval_cfg.top_k,
-        seed=eval_cfg.seed,
-        device=device,
-    )
-    return {
-        "metrics": lm_metrics(loss, count, chars, prefix="val") | {"val_tokens": float(count)},
-        "protocol": PROTOCOL,
-        "sample": eval_cfg.prompt + tok.decode(new),
-    }
+    metrics: dict[str, float] = {}
+    for split in [s for s in ("val", "test") if s in tokens["tokens"]]:
+        score = score_split(
+            model,
+            _split(tokens, split),
+            context_length=model.context_length,
+            batch_size=train_cfg.batch_size,
+            device=device,
+            autocast_dtype=amp_dtype,
+        )
+        if model.objective == "mlm":  # masked-token loss is not a text likelihood: no bits per character
+            metrics |= {
+                f"{split}_mlm_loss": score.loss,
+                f"{split}_mlm_perplexity": math.exp(min(score.loss, 50.0)),
+                f"{split}_mlm_targets": float(score.count),
+            }
+            continue
+        # Characters covered by the predicted tokens (all but the first), for bits per character.
+        chars = tokens["chars"][split] * score.count / tokens["tokens"][split]
+        metrics |= lm_metrics(score.loss, score.count, chars, prefix=split)
+        metrics |= {f"{split}_accuracy": score.accuracy, f"{split}_tokens": float(score.count)}
+    if model.objective == "mlm":
+        sample = fill_in_sample(model, tok, _split(tokens, "val"), device=device)
+        return {"metrics": metrics, "protocol": PROTOCOL + "; masked positions seeded", "sample": sample, "samples": []}
+    samples = []
+    for prompt in dict.fromkeys((eval_cfg.prompt, *eval_cfg.prompts)):  # the summary prompt first, no repeats
+        new = generate(
+            model,
+            tok.encode(prompt) or [0],
+            max_new_tokens=eval_cfg.max_new_tokens,
+            temperature=eval_cfg.temperature,
+            top_k=eval_cfg.top_k,
+            seed=eval_cfg.seed,
+            device=device,
+        )
+        samples.append({"prompt": prompt, "output": prompt + tok.decode(new)})
+    return {"metrics": metrics, "protocol": PROTOCOL, "sample": samples[0]["output"], "samples": samples}
 
 
 @torch.no_grad()
@@ -196,3 +205,40 @@ def export_model(
         "config": str(out_dir / "config.json"),
         "tokenizer": str(Path(tokens["path"]) / "tokenizer.json"),
     }
+
+
+def evaluate_files(
+    files: dict[str, str | Path],
+    corpus_path: Path,
+    *,
+    split: str = "val",
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Metrics of a packaged model (``weights``, ``config``, ``tokenizer`` files) on a corpus split, the text
+    tokenized with the package's own tokenizer — so models with different tokenizers, trained on other
+    data, are compared on the same text (in bits per character)."""
+    from pydantic import TypeAdapter
+
+    from lm.checkpoint import load_weights
+    from lm.config import ModelConfig
+    from lm.tokenizers import encode_array
+
+    config = json.loads(Path(files["config"]).read_text(encoding="utf-8"))
+    model_cfg = TypeAdapter(ModelConfig).validate_python(config["model"])
+    model = load_weights(Path(files["weights"]), build_model(model_cfg, config["vocab_size"])).eval()
+    tok = load_tokenizer(Path(files["tokenizer"]))
+    text = (Path(corpus_path) / f"{split}.txt").read_text(encoding="utf-8")
+    ids = encode_array(tok, text)
+    loss, count = mean_loss(
+        model.to(device),
+        ids,
+        context_length=model.context_length,
+        batch_size=batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
+    if model.objective == "mlm":
+        return {f"{split}_mlm_loss": loss, f"{split}_mlm_perplexity": math.exp(min(loss, 50.0))}
+    return lm_metrics(loss, count, len(text) * count / len(ids), prefix=split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,34 @@ def test_smoke_flow_trains_evaluates_and_registers(prefect_harness, mlflow_store
     assert run.data.tags["data_digest"] == result["data_digest"]
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert 0 < run.data.metrics["mfu"] < 1 and float(run.data.tags["lmp.peak_gflops"]) > 0
+    for split in ("val", "test"):  # smoke has a test split: both are evaluated the same way
+        assert 0 <= run.data.metrics[f"{split}_accuracy"] <= 1 and run.data.metrics[f"{split}_bpc"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "loss_curve.png", "samples.json"} <= artifacts
+    samples = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="samples.json", dst_path=str(tmp_path / "s")
+            )
+        ).read_text()
+    )
+    prompts = [row[0] for row in samples["data"]]
+    assert prompts == ["ROMEO:\n", "JULIET:\n", "HAMLET:\nTo be, or not to be", "KING RICHARD III:\nNow is the winter"]
+    assert all(row[1].startswith(row[0]) for row in samples["data"])
     assert any(key.startswith("system/cpu") for key in run.data.metrics)  # MLflow system metrics
 
     reg = result["registered"]
     assert reg["name"] == "smoke" and reg["uri"] == f"models:/smoke/{reg['version']}"
     version = client.get_model_version("smoke", str(reg["version"]))
     assert version.run_id == run.info.run_id
+    assert version.description.startswith("# smoke — version") and "val_bpc" in version.description
+    assert sorted(version.aliases) == ["challenger", "champion"]  # the first version: no champion to beat
+    assert version.tags["lmp.gate.promoted"] == "True" and version.tags["lmp.gate.reason"] == "no champion yet"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect_client:
+        keys = {a.key for a in prefect_client.read_artifacts()}
+    assert {"smoke-model-card", "smoke-samples", "smoke-promotion"} <= keys
     assert version.tags["data_digest"] == result["data_digest"]
     assert version.tags["config_digest"] == smoke_spec.digest()
     assert float(version.tags["val_bpc"]) == pytest.approx(run.data.metrics["val_bpc"], rel=1e-5)
@@ -68,7 +91,7 @@ def test_bad_data_fails_before_training_and_registers_nothing(prefect_harness, m
     from lm.data import DataError
 
     tiny = smoke_spec.model_copy(update={"data": smoke_spec.data.model_copy(update={"max_chars": 30})})
-    with pytest.raises(DataError, match=r"split too short \(train: 27 characters, val: 3 characters\)"):
+    with pytest.raises(DataError, match=r"split too short \(train: 25 characters, val: 3 characters, test: 2 charac"):
         lm_pipeline(tiny, workdir=str(tmp_path / ".lmp"))
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])

@@ -46,3 +46,18 @@ def test_bits_per_char_for_char_and_subword_tokens():
 def test_too_short_input_is_an_error():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         mean_loss(Uniform(3), np.array([1]), context_length=4)
+
+
+class Copy(Uniform):
+    """Predicts that the next token repeats the current one."""
+
+    def forward(self, tokens, state=None):
+        return LMOutput(torch.nn.functional.one_hot(tokens, self.vocab).float() * 10.0)
+
+
+def test_next_token_accuracy_counts_argmax_hits():
+    from lm.evaluation import score_split
+
+    tokens = np.array([1, 1, 2, 2, 3, 3, 4, 4, 0, 0, 1, 1, 2])  # 12 predictions, 6 of them repeats
+    score = score_split(Copy(5), tokens, context_length=4, batch_size=2)
+    assert score.count == 12 and score.accuracy == pytest.approx(6 / 12)

@@ -1,0 +1,184 @@
+"""The promotion gate, alias moves and their atomicity, on a real (SQLite) MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_model
+
+from flows import promotion, registry
+from flows.config import PromoteConfig
+from lm.config import GPTConfig
+from lm.models import build_model
+from lm.tokenizers import CharTokenizer
+
+GATE = PromoteConfig(metric="val_bpc", mode="min", min_improvement=0.005)
+
+
+def test_the_gate_as_a_pure_function():
+    assert promotion.gate(GATE, 2.4, None) == (True, "no champion yet")
+    assert promotion.gate(GATE, 2.40, 2.50)[0]
+    assert not promotion.gate(GATE, 2.498, 2.50)[0]  # better, but by less than min_improvement
+    assert not promotion.gate(GATE, 2.6, 2.5)[0]
+    assert not promotion.gate(GATE, math.nan, None)[0]  # NaN never promotes, even with no champion
+    assert not promotion.gate(GATE, math.inf, 2.5)[0]
+    assert promotion.gate(PromoteConfig(metric="val_bpc", mode="max"), 0.9, 0.8)[0]
+
+
+def _version(client, name, bpc, data="d1"):
+    """A registered version carrying metric tags, its artifact a small text file (fast)."""
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model.txt")
+    tags = {"val_bpc": f"{bpc:.6g}", "data_digest": data}
+    version, created = promotion.register_version(
+        client, name, f"runs:/{run.info.run_id}/model.txt", run.info.run_id, tags, weights_digest=f"w{bpc}{data}"
+    )
+    assert created
+    return version
+
+
+def _aliases(client, name):
+    return {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def _gate(client, name, version, evaluate_champion=None, force=False):
+    decision = promotion.decide(client, name, version, GATE, evaluate_champion, force=force)
+    promotion.apply(client, name, version, decision)
+    return decision
+
+
+def test_worse_and_nan_challengers_never_promote_a_better_one_does_and_rollback_restores(mlflow_store):
+    client = MlflowClient()
+    v1 = _version(client, "m", 2.50)
+    assert _gate(client, "m", v1).promoted and _aliases(client, "m") == {"champion": 1}
+
+    worse = _gate(client, "m", _version(client, "m", 2.60))
+    assert not worse.promoted and _aliases(client, "m") == {"champion": 1}
+    tags = client.get_model_version("m", "2").tags
+    assert tags["lmp.gate.promoted"] == "False" and tags["lmp.gate.champion"] == "2.5"
+    assert tags["lmp.gate.challenger"] == "2.6" and "improvement" in tags["lmp.gate.reason"]
+
+    assert not _gate(client, "m", _version(client, "m", math.nan)).promoted
+    assert _aliases(client, "m") == {"champion": 1}
+
+    better = _gate(client, "m", _version(client, "m", 2.40))
+    assert better.promoted and _aliases(client, "m") == {"champion": 4, "previous": 1}
+
+    assert promotion.rollback(client, "m") == (1, 4)
+    assert _aliases(client, "m") == {"champion": 1}
+    assert "restored" in client.get_model_version("m", "1").tags["lmp.rollback"]
+    assert "demoted" in client.get_model_version("m", "4").tags["lmp.rollback"]
+    with pytest.raises(LookupError, match="no @previous"):
+        promotion.rollback(client, "m")
+
+
+def test_forced_promotion_records_who_forced_it(mlflow_store):
+    client = MlflowClient()
+    _gate(client, "m", _version(client, "m", 2.5))
+    forced = _gate(client, "m", _version(client, "m", 2.7), force=True)
+    assert forced.promoted and forced.forced_by and _aliases(client, "m") == {"champion": 2, "previous": 1}
+    assert client.get_model_version("m", "2").tags["lmp.gate.forced_by"] == forced.forced_by
+
+
+def test_a_champion_trained_on_other_data_is_re_evaluated_on_the_challengers(mlflow_store):
+    client = MlflowClient()
+    _gate(client, "m", _version(client, "m", 2.0, data="old"))  # its 2.0 was measured on other data
+    seen = []
+
+    def evaluate_champion(version):
+        seen.append(version.version)
+        return 2.9  # on the challenger's data the champion is much worse
+
+    decision = _gate(client, "m", _version(client, "m", 2.5, data="new"), evaluate_champion)
+    assert [int(v) for v in seen] == [1]
+    assert decision.promoted and decision.champion == 2.9
+
+
+def test_alias_moves_are_all_or_nothing(mlflow_store, monkeypatch):
+    client = MlflowClient()
+    _gate(client, "m", _version(client, "m", 2.5))
+    v2 = _version(client, "m", 2.4)
+    real, calls = MlflowClient.set_registered_model_alias, []
+
+    def flaky(self, name, alias, version):
+        calls.append(alias)
+        if len(calls) == 2:
+            raise RuntimeError("registry went away")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(RuntimeError):
+        promotion.move_aliases(client, "m", {"challenger": int(v2.version), "previous": 1, "champion": 2})
+    monkeypatch.undo()
+    assert _aliases(client, "m") == {"champion": 1}  # the challenger move was undone too
+
+
+def _package(tmp_path, seed: int) -> dict[str, str]:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(num_layers=1, num_heads=1, embed_dim=8, context_length=8)
+    tok = CharTokenizer(sorted(set("ROMEO:\n abcdefgh")))
+    model = build_model(cfg, tok.vocab_size)
+    out = tmp_path / f"pkg{seed}"
+    out.mkdir()
+    save_model(model, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(mode="json"), "vocab_size": tok.vocab_size}))
+    (out / "tokenizer.json").write_text(tok.to_json())
+    return {"weights": str(out / "model.safetensors"), "config": str(out / "config.json"),
+            "tokenizer": str(out / "tokenizer.json")}  # fmt: skip
+
+
+def test_a_failure_between_version_creation_and_alias_move_changes_no_alias_and_a_rerun_adds_no_version(
+    mlflow_store, tmp_path, monkeypatch
+):
+    client = MlflowClient()
+
+    def register(files, bpc):
+        with mlflow.start_run() as run:
+            pass
+        tags = {"val_bpc": str(bpc), "data_digest": "d"}
+        return registry.log_and_register(run.info.run_id, "lm", files, tags, "ROMEO:\n", promote=GATE)
+
+    first = register(_package(tmp_path, 1), 2.5)
+    assert first["created"] and _aliases(client, "lm") == {"challenger": 1, "champion": 1}
+
+    second_files = _package(tmp_path, 2)
+    real_move = promotion.move_aliases
+    monkeypatch.setattr(promotion, "move_aliases", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError):
+        register(second_files, 2.4)
+    assert _aliases(client, "lm") == {"challenger": 1, "champion": 1}  # aliases as they were
+    assert len(client.search_model_versions("name = 'lm'")) == 2
+
+    monkeypatch.setattr(promotion, "move_aliases", real_move)
+    again = register(second_files, 2.4)  # the same weights: the existing version is reused
+    assert not again["created"] and again["version"] == 2
+    assert len(client.search_model_versions("name = 'lm'")) == 2
+    assert _aliases(client, "lm") == {"challenger": 2, "champion": 2, "previous": 1}
+
+
+def test_the_flow_re_evaluates_a_champion_trained_on_other_data(prefect_harness, mlflow_store, tmp_path):
+    from pathlib import Path
+
+    from flows.config import load_pipelines
+    from flows.pipeline import lm_pipeline
+
+    smoke = load_pipelines(Path(__file__).resolve().parents[2] / "pipelines.yaml").get("smoke")
+    first = lm_pipeline(smoke, workdir=str(tmp_path / ".lmp"))
+    other_data = smoke.model_copy(update={"data": smoke.data.model_copy(update={"max_chars": 150000})})
+    second = lm_pipeline(other_data, workdir=str(tmp_path / ".lmp"))
+    assert first["data_digest"] != second["data_digest"]
+
+    client = MlflowClient()
+    champion_tags = client.get_model_version("smoke", str(first["registered"]["version"])).tags
+    tags = client.get_model_version("smoke", str(second["registered"]["version"])).tags
+    on_new_data = float(tags["lmp.gate.champion"])  # the old champion, evaluated on the second run's split
+    assert math.isfinite(on_new_data) and f"{on_new_data:.6g}" != champion_tags["val_bpc"]
+    assert float(tags["lmp.gate.challenger"]) == pytest.approx(second["metrics"]["val_bpc"], rel=1e-5)
+    promoted = tags["lmp.gate.promoted"] == "True"
+    assert promoted == (on_new_data - second["metrics"]["val_bpc"] >= smoke.promote.min_improvement)
+    assert _aliases(client, "smoke")["champion"] == (second["registered"]["version"] if promoted else 1)

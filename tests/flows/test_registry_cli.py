@@ -1,0 +1,121 @@
+"""The registry workflow from the command line, and the registered model served by `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.config import load_pipelines
+from lm.config import LSTMConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(prefect_harness, tmp_path_factory):
+    """Two pipelines (a GPT and an LSTM) run once into one embedded store; yields its directory."""
+    import mlflow
+
+    from flows import tracking
+    from flows.pipeline import lm_pipeline
+
+    path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
+    os.chdir(path)
+    tracking.configure(path)
+    smoke = load_pipelines(ROOT / "pipelines.yaml").get("smoke")
+    lstm = smoke.model_copy(
+        update={
+            "name": "smoke-lstm",
+            "model": LSTMConfig(kind="lstm", num_layers=1, embed_dim=16, hidden_dim=32, context_length=32),
+        }
+    )
+    for spec in (smoke, lstm):
+        lm_pipeline(spec, workdir=str(path / ".lmp"))
+    try:
+        yield path
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.chdir(cwd)
+
+
+def test_compare_lines_up_runs_of_different_pipelines(store):
+    from flows.cli import app
+
+    result = runner.invoke(app, ["compare", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {r["pipeline"] for r in rows} == {"smoke", "smoke-lstm"}
+    assert {r["architecture"] for r in rows} == {"gpt", "lstm"}
+    for row in rows:
+        for column in ("run", "parameters", "val_bpc", "tokens_per_s", "wall_s", "version"):
+            assert row[column] not in (None, ""), (column, row)
+    table = runner.invoke(app, ["compare", "smoke-lstm"])
+    assert table.exit_code == 0 and "smoke-lstm" in table.output and "lstm" in table.output
+    assert runner.invoke(app, ["compare", "nope"]).exit_code == 2
+
+
+def test_models_promote_rollback_and_generate_from_the_cli(store):
+    from flows.cli import app
+
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0 and "smoke-lstm" in listing.output and "@champion → v1" in listing.output
+    again = runner.invoke(app, ["promote", "smoke", "--version", "1"])
+    assert again.exit_code == 1 and "already the champion" in again.output
+    assert runner.invoke(app, ["rollback", "smoke"]).exit_code == 2  # nothing to roll back to
+    out = runner.invoke(app, ["generate", "models:/smoke@champion", "ROMEO:\n", "--max-new-tokens", "12"])
+    assert out.exit_code == 0 and out.output.startswith("ROMEO:\n") and len(out.output.rstrip("\n")) >= 12
+    missing = runner.invoke(app, ["generate", "models:/smoke@nope", "x"])
+    assert missing.exit_code == 2 and "cannot load" in missing.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_with_generated_text(store, tmp_path):
+    port, bin_dir = _free_port(), str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env |= {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlruns' / 'mlflow.db'}",
+        "PATH": bin_dir + os.pathsep + env.get("PATH", ""),  # uvicorn must come from this environment
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "TMPDIR": str(tmp_path),
+    }
+    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/smoke@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)  # bounded readiness poll of a real server
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        body = {"inputs": ["ROMEO:\n", "JULIET:\n"], "params": {"max_new_tokens": 10, "temperature": 0, "seed": 0}}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert [p[: len(q)] for p, q in zip(predictions, body["inputs"], strict=True)] == body["inputs"]
+        assert all(len(p) == len(q) + 10 for p, q in zip(predictions, body["inputs"], strict=True))
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
