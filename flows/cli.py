@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows import cli_models
+from flows import cli_models, cli_servers
 from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
 from lm.errors import DataError
 
@@ -219,6 +219,9 @@ def ui(
 
 for _command in (cli_models.compare, cli_models.models, cli_models.promote, cli_models.rollback, cli_models.generate):
     app.command()(_command)
+app.command()(cli_servers.up)
+app.command()(cli_servers.down)
+app.command()(cli_servers.schedule)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -56,6 +57,38 @@ class PromoteConfig(Frozen):
     """Run the gate after every registration (otherwise only `lmp promote` moves @champion)."""
 
 
+CRON_FIELD = re.compile(r"^[\w*/,\-?LW#]+$")
+
+
+class ScheduleConfig(Frozen):
+    """When `lmp schedule` runs the pipeline: a cron expression or an interval, in a time zone."""
+
+    cron: str | None = None
+    """Five-field cron expression, e.g. "0 3 * * *" (03:00 every night)."""
+    interval: float | None = Field(default=None, gt=0)
+    """Seconds between runs (instead of `cron`)."""
+    timezone: str = "UTC"
+    """IANA time zone the cron expression is read in."""
+    parameters: dict[str, Any] = {}
+    """Config overrides for scheduled runs, by dotted key, e.g. {"train.max_steps": 300}."""
+    active: bool = True
+    """False keeps the deployment but pauses its schedule."""
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("a schedule needs exactly one of `cron` or `interval`")
+        if self.cron is not None:
+            fields = self.cron.split()
+            if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields):
+                raise ValueError(f"cron {self.cron!r} is not a five-field cron expression like '0 3 * * *'")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone such as 'Europe/Paris'") from None
+        return self
+
+
 class PipelineSpec(Frozen):
     """One named pipeline: everything a run needs, validated once."""
 
@@ -68,11 +101,33 @@ class PipelineSpec(Frozen):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     retries: int = Field(default=0, ge=0)
-    """Prefect retries of the train task after an unexpected error; each resumes from the newest checkpoint."""
+    """Prefect retries of each task after an unexpected (transient) error — never after bad input; a
+    retried train task resumes from the newest checkpoint."""
     retry_delay_seconds: float = Field(default=10.0, ge=0.0)
     """Wait before each retry."""
     promote: PromoteConfig = PromoteConfig()
     """The promotion gate for this pipeline's registered model."""
+    schedule: ScheduleConfig | None = None
+    """Run on a schedule under `lmp schedule` (a Prefect deployment)."""
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """Fail the train task if it runs longer than this (None: no limit)."""
+    training_slots: int = Field(default=1, gt=0)
+    """Training tasks allowed at once on this machine, across processes sharing the work directory;
+    others wait for a slot (a killed task's slot frees itself)."""
+
+    def scheduled(self) -> PipelineSpec:
+        """This spec with the schedule's parameter overrides applied (validated)."""
+        if self.schedule is None or not self.schedule.parameters:
+            return self
+        data = self.model_dump(mode="json")
+        data["schedule"]["parameters"] = {}  # applied below
+        for dotted, value in self.schedule.parameters.items():
+            node, *path, leaf = dotted.split(".")
+            target = data.setdefault(node, {})
+            for key in path:
+                target = target.setdefault(key, {})
+            target[leaf] = value
+        return PipelineSpec.model_validate(data)
 
     @model_validator(mode="before")
     @classmethod
@@ -93,11 +148,21 @@ class PipelineSpec(Frozen):
         return value
 
     @model_validator(mode="after")
+    def _schedule_overrides_are_valid(self) -> PipelineSpec:
+        if self.schedule is not None and self.schedule.parameters:
+            try:
+                self.scheduled()
+            except ValidationError as e:
+                where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"schedule.parameters make an invalid pipeline: {where}") from None
+        return self
+
+    @model_validator(mode="after")
     def _promote_metric_is_reported(self) -> PipelineSpec:
         objective = "mlm" if self.model.kind == "encoder" else "causal"
         if self.promote.metric not in METRICS[objective]:
             raise ValueError(
-                f"promote.metric {self.promote.metric!r} is not reported for a {self.model.kind} model; "
+                f"promote.metric {self.promote.metric!r} is not reported for {self.model.kind} models; "
                 f"use one of {', '.join(METRICS[objective])}"
             )
         return self

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows import tasks, tracking
+from flows import prefect_links, tasks, tracking
 from flows.config import PipelineSpec
 from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
@@ -15,32 +16,45 @@ from lm.plan import record_success
 from lm.sources import describe
 
 
-@flow(name="lm-pipeline", flow_run_name="{spec.name}", validate_parameters=False)
-def lm_pipeline(spec: PipelineSpec, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False) -> dict:
+def _flow_run_name() -> str:
+    spec = flow_run.parameters["spec"]
+    return spec["name"] if isinstance(spec, dict) else spec.name
+
+
+@flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False)
+def lm_pipeline(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False) -> dict:
     """Run one pipeline end to end; returns the run id, metrics, sample and registered version.
 
     ``workdir`` holds stage outputs and caches; relative data paths are resolved against ``base_dir``.
     An interrupted earlier run of the pipeline is resumed from its newest valid checkpoint into the same
-    MLflow run, unless ``fresh``.
+    MLflow run, unless ``fresh``. ``spec`` may be its JSON form (as a deployment stores it).
     """
+    if isinstance(spec, dict):
+        spec = PipelineSpec.model_validate(spec)
+    tracking.configure(Path(base_dir))  # MLFLOW_TRACKING_URI, else the embedded store under base_dir
     context = spec.model.context_length
     resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
+    if url := prefect_links.flow_run_url(str(flow_run.id)):
+        tags["prefect.flow_run_url"] = url
     tags |= process_tags() | ({"lmp.resumed_from_step": str(resume.step)} if resume else {})
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # one naming scheme for every pipeline
     with tracking.tracked_run(spec.name, run_name, tags, resume and resume.run_id) as run_id:
         if resume is None:
             tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
-        corpus = tasks.ingest(spec.data, workdir, base_dir, context)
-        tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
+        prefect_links.link_mlflow_run(spec.name, run_id)
+        retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
+        corpus = tasks.ingest.with_options(**retry)(spec.data, workdir, base_dir, context)
+        prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{corpus['digest'][:8]}")
+        tokens = tasks.tokenize.with_options(**retry)(corpus, spec.tokenizer, workdir, context)
         if resume is None:
             tracking.log_dataset(run_id, corpus, describe(spec.data))
         tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
-        train = tasks.train.with_options(retries=spec.retries, retry_delay_seconds=spec.retry_delay_seconds)
+        train = tasks.train.with_options(**retry, timeout_seconds=spec.timeout_seconds)
         trained = train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
-        evaluated = tasks.evaluate(tokens, trained, spec, run_id)
-        registered = tasks.register(corpus, tokens, trained, evaluated, spec, run_id, workdir)
-        tasks.report(tokens, trained, evaluated, registered, spec, run_id)
+        evaluated = tasks.evaluate.with_options(**retry)(tokens, trained, spec, run_id)
+        registered = tasks.register.with_options(**retry)(corpus, tokens, trained, evaluated, spec, run_id, workdir)
+        tasks.report.with_options(**retry)(tokens, trained, evaluated, registered, spec, run_id)
         get_run_logger().info("registered %s", registered["uri"])
     record_success(workdir, spec.name, corpus["inputs"], tokens["inputs"])
     return {

@@ -77,6 +77,7 @@ class TemporaryServer:
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         os.environ["PREFECT_API_URL"] = self.api_url
+        os.environ["LMP_TEMPORARY_PREFECT_API"] = "1"  # flows.prefect_links: no UI links to a UI-less server
         atexit.register(self.stop)
         return self
 
@@ -106,6 +107,7 @@ class TemporaryServer:
                 self.process.wait()
         if os.environ.get("PREFECT_API_URL") == self.api_url:
             del os.environ["PREFECT_API_URL"]
+            os.environ.pop("LMP_TEMPORARY_PREFECT_API", None)
 
     def _log(self) -> str:
         try:

@@ -79,8 +79,9 @@ def register_version(
     found = client.search_model_versions(f"name = '{name}' and tags.weights_digest = '{weights_digest}'")
     if found:
         return max(found, key=lambda v: int(v.version)), False
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None  # a logged model
     version = client.create_model_version(
-        name, model_uri, run_id=run_id, tags=dict(tags) | {"weights_digest": weights_digest}
+        name, model_uri, run_id=run_id, tags=dict(tags) | {"weights_digest": weights_digest}, model_id=model_id
     )
     return version, True
 

@@ -88,6 +88,7 @@ def process_tags() -> dict[str, str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

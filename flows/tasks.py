@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from flows import machine, registry, tracking
+from flows import machine, registry, slots, tracking
 from flows import report as reporting
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
@@ -23,7 +23,20 @@ from lm.config import DataConfig, TokenizerConfig
 from lm.errors import DataError
 from lm.training import TrainingError, TrainingInterrupted, resolve_device, resolve_precision
 
-OPTS = {"cache_policy": NONE, "persist_result": False}
+
+def transient(task, task_run, state) -> bool:
+    """Retry a task on unexpected errors (I/O, network, memory, a dying worker), not on bad input, a stop
+    request, a refused resume or a non-finite loss, which a retry would only repeat."""
+    try:
+        state.result()
+    except (TrainingInterrupted, TrainingError, DataError, KeyboardInterrupt):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+OPTS = {"cache_policy": NONE, "persist_result": False, "retry_condition_fn": transient}
 
 
 def _report(stage: str, result: dict) -> None:
@@ -53,19 +66,7 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_len
     return tokens
 
 
-def retry_train(task, task_run, state) -> bool:
-    """Retry the train task on unexpected errors (I/O, memory, a dying worker), not on a stop request,
-    a refused resume or a non-finite loss, which a retry would only repeat."""
-    try:
-        state.result()
-    except (TrainingInterrupted, TrainingError, DataError, KeyboardInterrupt):
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(name="train", retry_condition_fn=retry_train, **OPTS)
+@task(name="train", **OPTS)
 def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
     """Train, or continue from the newest valid checkpoint of this run: after an interrupted ``lmp run``
     (``resume_from``) or when Prefect retries this task after a failure."""
@@ -80,6 +81,14 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
         log.info("train: resuming from %s (attempt %d)", resume, task_run.run_count)
         tracking.set_tags(run_id, {"lmp.resumed_from_step": resume.name.split("-")[-1].lstrip("0") or "0"})
     replaying = resume is not None or task_run.run_count > 1  # steps already in MLflow are not logged again
+    with slots.training_slot(spec.training_slots, on_wait=log.info) as waited:
+        if waited > 0.5:
+            log.info("train: got a training slot after %.1f s", waited)
+        tracking.log_metrics(run_id, {"train_slot_wait_seconds": waited}, step=0)
+        return _fit(tokens, spec, run_id, out, resume, replaying, log)
+
+
+def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, replaying: bool, log) -> dict:
     log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
     device = resolve_device(spec.train.device)
     peak = machine.peak_flops(device, resolve_precision(spec.train.precision, device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -14,6 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -33,11 +35,20 @@ def default_tracking_uri(root: Path) -> str:
 def configure(root: Path | str = ".") -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store under ``root``; returns the URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root))
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _initialise_once(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def _initialise_once(database: Path) -> None:
+    """Create or migrate an SQLite store under a file lock: two processes starting on a new store at once
+    would otherwise race through MLflow's schema migrations ("table _alembic_tmp_… already exists")."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / ".init.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient().search_experiments(max_results=1)
 
 
 def artifact_location(uri: str) -> str | None:
@@ -128,7 +139,11 @@ def log_dataset(run_id: str, corpus: Mapping, source: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = from_pandas(frame, source=str(corpus["path"]), name=source[:200], digest=corpus["digest"][:32])
     tags = [InputTag("mlflow.data.context", "training")]
-    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=tags)]
+    try:
+        MlflowClient().log_inputs(run_id, datasets=inputs)
+    except MlflowException:  # two runs registering the same dataset at once: the loser finds it the second time
+        MlflowClient().log_inputs(run_id, datasets=inputs)
     counts = {f"data_chars_{split}": n for split, n in corpus["chars"].items()}
     log_metrics(run_id, counts | {"data_documents": corpus["documents"]})
 

@@ -107,3 +107,33 @@ pipelines:
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_pipelines(tmp_path / "none.yaml")
+
+
+def _one(pipeline: dict) -> str:
+    import yaml
+
+    try:
+        parse_pipelines(yaml.safe_dump({"default": "a", "pipelines": {"a": pipeline}}), "p.yaml")
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def test_schedules_are_validated_like_the_rest_of_the_file():
+    assert _one({"schedule": {"cron": "0 3 * * *", "timezone": "Europe/Paris"}}) == ""
+    assert "exactly one of `cron` or `interval`" in _one({"schedule": {"cron": "0 3 * * *", "interval": 60}})
+    assert "five-field cron" in _one({"schedule": {"cron": "every night"}})
+    assert "IANA time zone" in _one({"schedule": {"interval": 60, "timezone": "Mars/Olympus"}})
+    bad = _one({"schedule": {"interval": 60, "parameters": {"train.max_steps": 0}}})
+    assert "schedule.parameters make an invalid pipeline: train.max_steps" in bad
+    spec = parse_pipelines(
+        "default: a\npipelines:\n  a:\n    schedule: {interval: 60, parameters: {train.max_steps: 7}}\n", "p.yaml"
+    ).get("a")
+    assert spec.train.max_steps == 2000 and spec.scheduled().train.max_steps == 7
+
+
+def test_the_promotion_metric_must_be_one_the_model_reports():
+    assert "promote.metric 'val_bpc' is not reported for encoder models" in _one(
+        {"model": {"kind": "encoder"}, "promote": {"metric": "val_bpc"}}
+    )
+    assert _one({"model": {"kind": "encoder"}}) == ""  # defaults to val_mlm_loss

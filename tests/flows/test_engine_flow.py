@@ -89,3 +89,23 @@ def test_nan_injection_fails_the_run_with_the_reason_and_keeps_the_last_good_che
     model = build_model(spec.model, vocab_size=verify_checkpoint(latest)["vocab_size"])
     assert load_checkpoint(latest, model)["step"] == 10
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_input_is_not_retried(prefect_harness, mlflow_store, tmp_path, monkeypatch):
+    from flows import tasks
+    from flows.pipeline import lm_pipeline
+    from lm.errors import DataError
+
+    calls = []
+    real_ingest = tasks.stages.ingest
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_ingest(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.stages, "ingest", counting)
+    spec = _spec()
+    tiny = spec.model_copy(update={"data": spec.data.model_copy(update={"max_chars": 30}), "retries": 2})
+    with pytest.raises(DataError, match="split too short"):
+        lm_pipeline(tiny, workdir=str(tmp_path / ".lmp"))
+    assert calls == [1]  # retries: 2, but bad input fails at once

@@ -1,0 +1,97 @@
+"""`lmp up`, `lmp down`, `lmp schedule`: local servers and scheduled runs (registered on `lmp` by flows.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+WORK_DIR = Path(".lmp")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def up(
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow tracking server (UI and API).")] = 5000,
+) -> None:
+    """Start a local Prefect server and MLflow tracking server on 127.0.0.1 and wait until both answer."""
+    from flows import servers
+
+    try:
+        state = servers.up(Path.cwd(), WORK_DIR, prefect_port, mlflow_port)
+    except servers.ServersError as e:
+        raise _fail(str(e)) from None
+    console.print(f"Prefect UI  [bold]{state['servers']['prefect']['url']}[/bold]")
+    console.print(f"MLflow UI   [bold]{state['servers']['mlflow']['url']}[/bold]")
+    console.print("Point clients at them (lmp schedule reads them from .lmp/servers.json by itself):")
+    for key, value in state["env"].items():
+        console.print(f"  export {key}={value}", markup=False, highlight=False)
+    console.print("Stop both with `lmp down`.")
+
+
+def down() -> None:
+    """Stop the servers `lmp up` started."""
+    from flows import servers
+
+    try:
+        stopped = servers.down(WORK_DIR)
+    except servers.ServersError as e:
+        raise _fail(str(e)) from None
+    console.print("stopped " + ", ".join(stopped) if stopped else "the recorded servers had already stopped")
+
+
+Names = Annotated[list[str] | None, typer.Argument(help="Pipelines to serve (default: every scheduled one).")]
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
+ListFlag = Annotated[bool, typer.Option("--list", help="Show deployments and their next run, then exit.")]
+PauseFlag = Annotated[bool, typer.Option("--pause-on-exit", help="Pause the schedules when this stops.")]
+Limit = Annotated[int, typer.Option("--limit", help="Flow runs executing at once here (later ones queue).")]
+
+
+def schedule(
+    pipelines: Names = None,
+    config: ConfigPath = Path("pipelines.yaml"),
+    list_: ListFlag = False,
+    pause_on_exit: PauseFlag = False,
+    limit: Limit = 1,
+) -> None:
+    """Serve one Prefect deployment per scheduled pipeline; runs execute here until Ctrl-C."""
+    from flows import schedule as scheduling
+    from flows.cli import _load
+
+    try:
+        env = scheduling.use_servers(WORK_DIR)
+    except scheduling.ScheduleError as e:
+        raise _fail(str(e)) from None
+    if list_:
+        table = Table(title=f"scheduled pipelines on {env['PREFECT_API_URL']}")
+        for column in ("deployment", "schedule", "active", "next run"):
+            table.add_column(column)
+        for row in scheduling.listing():
+            table.add_row(row["deployment"], row["schedule"], "yes" if row["active"] else "paused", row["next run"])
+        console.print(table)
+        return
+    file = _load(config)
+    names = pipelines or [name for name, spec in file.pipelines.items() if spec.schedule is not None]
+    unknown = [n for n in names if n not in file.pipelines]
+    unscheduled = [n for n in names if n in file.pipelines and file.pipelines[n].schedule is None]
+    if unknown or unscheduled or not names:
+        problems = [f"no pipeline named {n!r}" for n in unknown] + [f"{n!r} has no `schedule:`" for n in unscheduled]
+        raise _fail("; ".join(problems) or f"no pipeline in {config} has a `schedule:`")
+    from prefect import serve
+
+    from flows import tracking
+
+    tracking.configure(Path.cwd())
+    deployments = scheduling.deployments([file.pipelines[n] for n in names], str(WORK_DIR), str(Path.cwd()))
+    console.print(f"serving {', '.join(names)} against {env['PREFECT_API_URL']} (Ctrl-C to stop)")
+    serve(*deployments, pause_on_shutdown=pause_on_exit, print_starting_message=False, limit=limit)

@@ -1,0 +1,170 @@
+"""`lmp up` / `lmp down`: a local Prefect server and MLflow tracking server, started and stopped together.
+
+Both are the real engines (`prefect server start`, `mlflow server`), bound to 127.0.0.1 — they have no
+authentication, so they must not be reachable from other hosts. The Prefect server keeps its database
+under ``.lmp/prefect/``; the MLflow server uses the project's ``mlruns/mlflow.db`` and serves the
+artifacts under ``mlruns/artifacts``. What was started (process ids, ports, URLs) is recorded in
+``.lmp/servers.json``; `lmp down` stops exactly those process groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flows.resume import _alive
+from lm.atomic import atomic_write_bytes
+
+STATE = "servers.json"
+HEALTH_TIMEOUT_S = 90.0
+
+
+class ServersError(RuntimeError):
+    """The servers cannot be started or stopped as asked; the message says why and what to do."""
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def read_state(workdir: Path) -> dict | None:
+    try:
+        return json.loads((Path(workdir) / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running(workdir: Path) -> dict | None:
+    """The recorded servers if any of their processes is still alive."""
+    state = read_state(workdir)
+    if state and any(_alive(s["pid"]) for s in state["servers"].values()):
+        return state
+    return None
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServersError(f"{url} exited with {process.returncode} before answering; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise ServersError(f"{url} did not answer within {HEALTH_TIMEOUT_S:.0f} s; see {log}")
+
+
+def up(root: Path, workdir: Path, prefect_port: int, mlflow_port: int) -> dict:
+    """Start both servers, wait until both answer, record them; returns the recorded state."""
+    root, workdir = Path(root).resolve(), Path(workdir)
+    if (state := running(workdir)) is not None:
+        urls = ", ".join(s["url"] for s in state["servers"].values())
+        raise ServersError(f"servers from an earlier `lmp up` are still running ({urls}); run `lmp down` first")
+    for name, port in (("Prefect", prefect_port), ("MLflow", mlflow_port)):
+        if not port_free(port):
+            raise ServersError(
+                f"port {port} for the {name} server is in use on 127.0.0.1; pick another with --{name.lower()}-port"
+            )
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    base_env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    base_env.pop("PREFECT_API_URL", None)
+    specs = {
+        "prefect": (
+            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            base_env | {
+                "PREFECT_HOME": str((workdir / "prefect").resolve()),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            },
+            f"http://127.0.0.1:{prefect_port}/api/health",
+            f"http://127.0.0.1:{prefect_port}",
+        ),
+        "mlflow": (
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "mlruns" / "artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+            base_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
+            f"http://127.0.0.1:{mlflow_port}/health",
+            f"http://127.0.0.1:{mlflow_port}",
+        ),
+    }  # fmt: skip
+    started: dict[str, dict] = {}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, (command, env, _, url) in specs.items():
+            log = logs / f"{name}-server.log"
+            with open(log, "ab") as out:
+                processes[name] = subprocess.Popen(
+                    command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                )
+            started[name] = {"pid": processes[name].pid, "url": url, "log": str(log)}
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        for name, (_, _, health, _) in specs.items():
+            _wait_healthy(health, processes[name], logs / f"{name}-server.log", deadline)
+    except BaseException:
+        for process in processes.values():
+            _stop_group(process.pid)
+        raise
+    state = {
+        "servers": started,
+        "env": {
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        },
+    }
+    atomic_write_bytes(workdir / STATE, json.dumps(state, indent=2).encode())
+    return state
+
+
+def _stop_group(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM the process group, wait for it, SIGKILL what is left."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(workdir: Path) -> list[str]:
+    """Stop what `lmp up` recorded (whatever is still alive) and forget it; returns what was stopped."""
+    state = read_state(workdir)
+    if state is None:
+        raise ServersError(f"no servers recorded in {Path(workdir) / STATE}; nothing to stop")
+    stopped = []
+    for name, server in state["servers"].items():
+        if _alive(server["pid"]):
+            _stop_group(server["pid"])
+            stopped.append(f"{name} ({server['url']})")
+    (Path(workdir) / STATE).unlink(missing_ok=True)
+    return stopped
