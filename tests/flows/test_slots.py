@@ -1,0 +1,51 @@
+"""Training slots: one holder at a time, and a killed holder's slot is free at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from flows import slots
+
+HOLD = """
+import sys, time
+from flows.slots import training_slot
+with training_slot(1):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_frees_its_slot(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        waits: list[str] = []
+        import fcntl
+
+        with open(slots.lock_dir() / "train-0.lock", "a+") as probe:  # the slot is taken right now
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                raise AssertionError("the slot should be held by the other process")
+            except BlockingIOError:
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with slots.training_slot(1, on_wait=waits.append) as waited:
+            assert waited < 5 and waits == []  # free at once: the kernel released the dead holder's lock
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_several_slots_let_that_many_hold_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    waits: list[str] = []
+    with slots.training_slot(2, on_wait=waits.append), slots.training_slot(2, on_wait=waits.append):
+        pass  # two slots: the second does not wait (flock locks are per open file, so this works in-process)
+    assert waits == []
