@@ -71,14 +71,21 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def register_version(
-    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str], weights_digest: str
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    weights_digest: str,
+    log_model: Callable[[], str],
 ) -> tuple[ModelVersion, bool]:
-    """The version holding these weights: found by ``weights_digest`` or created. (version, created)."""
+    """The version holding these weights: found by ``weights_digest``, or created from the model
+    ``log_model()`` logs (called only then). Returns (version, created)."""
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=f"Language model trained by pipeline {name!r}.")
     found = client.search_model_versions(f"name = '{name}' and tags.weights_digest = '{weights_digest}'")
     if found:
         return max(found, key=lambda v: int(v.version)), False
+    model_uri = log_model()
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None  # a logged model
     version = client.create_model_version(
         name, model_uri, run_id=run_id, tags=dict(tags) | {"weights_digest": weights_digest}, model_id=model_id

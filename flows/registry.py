@@ -78,14 +78,14 @@ def log_and_register(
     """Log the model, register it (or find the version that already holds these weights), run the gate
     and move the aliases — @challenger, and @champion/@previous when it passes — as one unit."""
     client = MlflowClient()
-    digest = sha256_file(Path(files["weights"]))
-    existing = client.search_model_versions(f"name = '{name}' and tags.weights_digest = '{digest}'")
-    model_uri = (
-        existing[0].source
-        if existing
-        else log_model(run_id, files, example_prompt, objective=objective, width=width).model_uri
+    version, created = promotion.register_version(
+        client,
+        name,
+        run_id,
+        dict(tags),
+        sha256_file(Path(files["weights"])),
+        lambda: log_model(run_id, files, example_prompt, objective=objective, width=width).model_uri,
     )
-    version, created = promotion.register_version(client, name, model_uri, run_id, dict(tags), digest)
     moves: dict[str, int | None] = {"challenger": int(version.version)}
     decision = None
     if promote.auto:
@@ -102,7 +102,7 @@ def log_and_register(
         "name": name,
         "version": int(version.version),
         "uri": f"models:/{name}/{version.version}",
-        "model_uri": model_uri,
+        "model_uri": version.source,
         "created": created,
         "decision": asdict(decision) if decision else None,
     }

@@ -35,9 +35,8 @@ def _version(client, name, bpc, data="d1"):
     with mlflow.start_run() as run:
         mlflow.log_text("weights", "model.txt")
     tags = {"val_bpc": f"{bpc:.6g}", "data_digest": data}
-    version, created = promotion.register_version(
-        client, name, f"runs:/{run.info.run_id}/model.txt", run.info.run_id, tags, weights_digest=f"w{bpc}{data}"
-    )
+    uri = f"runs:/{run.info.run_id}/model.txt"
+    version, created = promotion.register_version(client, name, run.info.run_id, tags, f"w{bpc}{data}", lambda: uri)
     assert created
     return version
 
