@@ -104,7 +104,8 @@ def publish(
     client.log_image(run_id, _png_image(loss_curve_png(client, run_id)), artifact_file="loss_curve.png")
     samples = evaluated.get("samples") or [{"prompt": "", "output": evaluated["sample"]}]
     client.log_table(run_id, data=pd.DataFrame(samples), artifact_file="samples.json")
-    client.update_model_version(spec.name, str(registered["version"]), description=card)
+    if registered.get("created", True):  # a reused version keeps the card of the run that created it
+        client.update_model_version(spec.name, str(registered["version"]), description=card)
     key = spec.name.replace(".", "-").replace("_", "-")
     create_markdown_artifact(card, key=f"{key}-model-card", description=f"{spec.name} v{registered['version']}")
     create_table_artifact(samples, key=f"{key}-samples", description="generations from the fixed prompts")

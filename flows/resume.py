@@ -109,9 +109,14 @@ def reconcile_stale(client: MlflowClient, experiment_id: str) -> list[str]:
     return stale
 
 
+TRAJECTORY = ("data", "tokenizer", "model", "train")  # the sections that decide what training computes
+
+
 def changed_keys(old_params: dict[str, str], spec_params: dict[str, object]) -> list[str]:
-    """Config keys whose value differs between the interrupted run and now (schedule keys excepted)."""
-    new = {k: str(v)[:6000] for k, v in spec_params.items() if "." in k}  # config sections, not model-card params
+    """Keys that decide the training trajectory (data, tokenizer, model, train — schedule keys excepted)
+    whose value differs between the interrupted run and now. Evaluation, promotion and scheduling settings
+    may change freely."""
+    new = {k: str(v)[:6000] for k, v in spec_params.items() if k.split(".")[0] in TRAJECTORY and "." in k}
     return sorted(k for k, v in new.items() if k not in SCHEDULE_KEYS and old_params.get(k) != v)
 
 

@@ -196,3 +196,12 @@ def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_the_rerun_resume
     assert again.data.tags["lmp.resumed_from_step"] == str(stopped_at)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, 301))
+
+
+def test_only_settings_that_change_training_block_a_resume():
+    from flows.resume import changed_keys
+
+    old = {"model.num_layers": "2", "train.max_steps": "300", "eval.max_new_tokens": "8", "promote.metric": "val_bpc"}
+    now = {"model.num_layers": 2, "train.max_steps": 900, "eval.max_new_tokens": 64, "promote.metric": "val_loss"}
+    assert changed_keys(old, now) == []  # schedule, evaluation and promotion keys may change
+    assert changed_keys(old, now | {"model.num_layers": 4}) == ["model.num_layers"]
