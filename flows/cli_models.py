@@ -39,7 +39,8 @@ COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format)
 }
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` to stderr; returns the Exit to raise (status 2: bad input)."""
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
@@ -61,7 +62,7 @@ def compare_frame(pipeline: str | None, limit: int):
     client = _client()
     experiments = [e.name for e in client.search_experiments() if pipeline in (None, e.name)]
     if pipeline is not None and not experiments:
-        raise _fail(f"no runs of pipeline {pipeline!r} in {mlflow.get_tracking_uri()}")
+        raise fail(f"no runs of pipeline {pipeline!r} in {mlflow.get_tracking_uri()}")
     runs = mlflow.search_runs(experiment_names=experiments or None, max_results=limit, order_by=["start_time DESC"])
     if runs.empty:
         return pd.DataFrame(columns=list(COMPARE_COLUMNS))
@@ -152,7 +153,7 @@ def promote(
         else _get_version(client, model, version)
     )
     if target is None:
-        raise _fail(f"registered model {model!r} has no @challenger; pass --version N")
+        raise fail(f"registered model {model!r} has no @challenger; pass --version N")
     found = _promote_config(model, target.tags, config)
     spec = found if isinstance(found, PipelineSpec) else None
     gate = spec.promote if spec else found
@@ -174,7 +175,7 @@ def _get_version(client, model: str, version: int):
     try:
         return client.get_model_version(model, str(version))
     except MlflowException:
-        raise _fail(f"registered model {model!r} has no version {version}") from None
+        raise fail(f"registered model {model!r} has no version {version}") from None
 
 
 def rollback(model: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
@@ -184,7 +185,7 @@ def rollback(model: Annotated[str, typer.Argument(help="Registered model name.")
     try:
         restored, demoted = promotion.rollback(_client(), model)
     except LookupError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(f"{model}: @champion → v{restored} (v{demoted} demoted)")
 
 
@@ -207,7 +208,7 @@ def generate(
     try:
         loaded = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
-        raise _fail(f"cannot load {model_uri}: {str(e).splitlines()[0]}") from None
+        raise fail(f"cannot load {model_uri}: {str(e).splitlines()[0]}") from None
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     output = loaded.predict([prompt], params=params | {"seed": seed, "stop": stop})[0]
     console.print(output if isinstance(output, str) else json.dumps(output), markup=False, highlight=False)

@@ -6,18 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-WORK_DIR = Path(".lmp")
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+from flows.cli_models import WORK_DIR, console, fail
 
 
 def up(
@@ -30,7 +21,7 @@ def up(
     try:
         state = servers.up(Path.cwd(), WORK_DIR, prefect_port, mlflow_port)
     except servers.ServersError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(f"Prefect UI  [bold]{state['servers']['prefect']['url']}[/bold]")
     console.print(f"MLflow UI   [bold]{state['servers']['mlflow']['url']}[/bold]")
     console.print("Point clients at them (lmp schedule reads them from .lmp/servers.json by itself):")
@@ -46,7 +37,7 @@ def down() -> None:
     try:
         stopped = servers.down(WORK_DIR)
     except servers.ServersError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print("stopped " + ", ".join(stopped) if stopped else "the recorded servers had already stopped")
 
 
@@ -71,7 +62,7 @@ def schedule(
     try:
         env = scheduling.use_servers(WORK_DIR)
     except scheduling.ScheduleError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if list_:
         table = Table(title=f"scheduled pipelines on {env['PREFECT_API_URL']}")
         for column in ("deployment", "schedule", "active", "next run"):
@@ -86,7 +77,7 @@ def schedule(
     unscheduled = [n for n in names if n in file.pipelines and file.pipelines[n].schedule is None]
     if unknown or unscheduled or not names:
         problems = [f"no pipeline named {n!r}" for n in unknown] + [f"{n!r} has no `schedule:`" for n in unscheduled]
-        raise _fail("; ".join(problems) or f"no pipeline in {config} has a `schedule:`")
+        raise fail("; ".join(problems) or f"no pipeline in {config} has a `schedule:`")
     from prefect import serve
 
     from flows import tracking

@@ -42,9 +42,16 @@ def configure(root: Path | str = ".") -> str:
     return uri
 
 
+_initialised: set[Path] = set()
+
+
 def _initialise_once(database: Path) -> None:
     """Create or migrate an SQLite store under a file lock: two processes starting on a new store at once
-    would otherwise race through MLflow's schema migrations ("table _alembic_tmp_… already exists")."""
+    would otherwise race through MLflow's schema migrations ("table _alembic_tmp_… already exists").
+    Once per store and process: `lmp run` and the flow both configure tracking."""
+    if database in _initialised:
+        return
+    _initialised.add(database)
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.parent / ".init.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
