@@ -27,6 +27,9 @@ console = Console()
 err = Console(stderr=True)
 WORK_DIR = Path(".lmp")
 SUMMARY_METRICS = {
+    "val_macro_f1": ("macro-F1", "(validation)"),
+    "val_accuracy": ("accuracy", "(validation)"),
+    "val_baseline_macro_f1": ("majority-class macro-F1", "(validation baseline)"),
     "val_loss": ("validation loss", "nats/token"),
     "val_bpc": ("bits per char", ""),
     "val_mlm_loss": ("masked-token loss", "nats/token (validation)"),
@@ -125,6 +128,7 @@ def run(
     table = Table(title=f"{spec.name}: done", show_header=False)
     for key, (label, unit) in SUMMARY_METRICS.items():
         if key in metrics:
+            unit = "nats/example" if key == "val_loss" and "val_macro_f1" in metrics else unit
             table.add_row(label, f"{metrics[key]:.4f} {unit}".rstrip())
     table.add_row(
         "wall time",
@@ -152,7 +156,15 @@ def plan(
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "status", "reason"):
         table.add_column(column)
-    for step in make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd()):
+    if spec.task == "classification":
+        from lm.plan import plan_classification
+
+        steps = plan_classification(
+            spec.name, spec.data, init_from=spec.init_from, workdir=WORK_DIR, base_dir=Path.cwd()
+        )
+    else:
+        steps = make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd())
+    for step in steps:
         status = "[green]cached[/green]" if step.status == "cached" else "[yellow]run[/yellow]"
         table.add_row(step.stage, status, step.reason)
     console.print(table)
@@ -169,8 +181,13 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     for name, spec in pipelines.pipelines.items():
         marker = " (default)" if name == pipelines.default else ""
         m = spec.model
-        width = getattr(m, "hidden_dim", m.embed_dim)
-        table.add_row(name + marker, f"{m.kind} {m.num_layers}×{width}, ctx {m.context_length}", spec.description)
+        if m is None:  # a classifier initialised from a registered model
+            shape = f"classifier on {spec.init_from}"
+        else:
+            width = getattr(m, "hidden_dim", m.embed_dim)
+            shape = f"{m.kind} {m.num_layers}×{width}, ctx {m.context_length}"
+            shape = f"classifier on {shape}" if spec.task == "classification" else shape
+        table.add_row(name + marker, shape, spec.description)
     console.print(table)
 
 

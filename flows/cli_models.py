@@ -26,11 +26,15 @@ COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format)
     "run": ("run_id", "{:.8}"),
     "status": ("status", "{}"),
     "architecture": ("params.model.kind", "{}"),
+    "init": ("tags.lmp.init_model", "{}"),  # classifiers: the language model version they were initialised from
     "tokenizer": ("params.tokenizer.kind", "{}"),
     "parameters": ("params.num_parameters", "{:,}"),
     "val_bpc": ("metrics.val_bpc", "{:.4f}"),
     "val_loss": ("metrics.val_loss", "{:.4f}"),
     "val_mlm_loss": ("metrics.val_mlm_loss", "{:.4f}"),
+    "val_accuracy": ("metrics.val_accuracy", "{:.4f}"),  # classifiers: of labels; language models: of next tokens
+    "val_macro_f1": ("metrics.val_macro_f1", "{:.4f}"),
+    "baseline_macro_f1": ("metrics.val_baseline_macro_f1", "{:.4f}"),  # always the majority class
     "tokens_per_s": ("metrics.tokens_per_second", "{:,.0f}"),
     "train_s": ("metrics.wall_seconds", "{:.1f}"),
     "wall_s": ("wall_s", "{:.1f}"),  # the MLflow run, start to end
@@ -77,7 +81,8 @@ def compare(
     limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 20,
     format: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")] = "table",
 ) -> None:
-    """Recent runs side by side: architecture, size, bits per char, speed, wall time, registered version."""
+    """Recent runs side by side: architecture, size, bits per char (classifiers: init model, accuracy, macro-F1
+    and the majority baseline), speed, wall time, registered version."""
     frame = compare_frame(pipeline, limit)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
@@ -117,7 +122,7 @@ def models() -> None:
         headline = ""
         if "champion" in model.aliases:
             tags = client.get_model_version(model.name, str(model.aliases["champion"])).tags
-            key = "val_bpc" if "val_bpc" in tags else "val_mlm_loss"
+            key = next((k for k in ("val_bpc", "val_macro_f1", "val_mlm_loss") if k in tags), "val_bpc")
             headline = f"{key} {tags.get(key, '?')}"
         table.add_row(model.name, str(len(versions)), aliases or "-", headline)
     console.print(table)
@@ -144,7 +149,7 @@ def promote(
 ) -> None:
     """Run the promotion gate for a version against @champion and move the aliases if it passes."""
     from flows import promotion, registry
-    from flows.config import PipelineSpec
+    from flows.config import ClassifierSpec, PipelineSpec
 
     client = _client()
     target = (
@@ -155,12 +160,13 @@ def promote(
     if target is None:
         raise fail(f"registered model {model!r} has no @challenger; pass --version N")
     found = _promote_config(model, target.tags, config)
-    spec = found if isinstance(found, PipelineSpec) else None
+    spec = found if isinstance(found, PipelineSpec | ClassifierSpec) else None
     gate = spec.promote if spec else found
     evaluate = None
-    corpus = WORK_DIR / "data" / target.tags.get("data_digest", "")[:16]
-    if spec is not None and (corpus / "val.txt").is_file():
-        evaluate = registry.champion_evaluator(spec, corpus, WORK_DIR / "promote")
+    digest = target.tags.get("data_digest", "")[:16]
+    data = WORK_DIR / ("labelled" if target.tags.get("task") == "classification" else "data") / digest
+    if spec is not None and ((data / "val.txt").is_file() or (data / "val.jsonl").is_file()):
+        evaluate = registry.champion_evaluator(spec, data, WORK_DIR / "promote")
     decision = promotion.decide(client, model, target, gate, evaluate, force=force)
     promotion.apply(client, model, target, decision)
     verdict = "[green]promoted to @champion[/green]" if decision.promoted else "[yellow]not promoted[/yellow]"

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
+from lm.classification.config import HeadConfig, LabelledData
 from lm.config import (
     BuiltinData,
     CharTokenizerConfig,
@@ -39,7 +40,13 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{listing}")
 
 
-METRICS = {"causal": ("val_bpc", "val_loss", "val_perplexity"), "mlm": ("val_mlm_loss", "val_mlm_perplexity")}
+METRICS = {
+    "causal": ("val_bpc", "val_loss", "val_perplexity"),
+    "mlm": ("val_mlm_loss", "val_mlm_perplexity"),
+    "classification": ("val_macro_f1", "val_accuracy", "val_loss"),
+}
+TASKS = ("language-model", "classification")
+INIT_URI = re.compile(r"^models:/(?P<name>[a-z0-9][a-z0-9._-]{0,62})(@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
 class PromoteConfig(Frozen):
@@ -89,17 +96,13 @@ class ScheduleConfig(Frozen):
         return self
 
 
-class PipelineSpec(Frozen):
-    """One named pipeline: everything a run needs, validated once."""
+class _Spec(Frozen):
+    """What every pipeline has, whatever its task: a name, training, operations and the promotion gate."""
 
     name: str
     """Registered-model name and MLflow experiment name; filled in from the YAML key."""
     description: str = ""
-    data: DataConfig = Field(default_factory=BuiltinData)
-    tokenizer: TokenizerConfig = Field(default_factory=CharTokenizerConfig)
-    model: ModelConfig = Field(default_factory=GPTConfig)
     train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
     retries: int = Field(default=0, ge=0)
     """Prefect retries of each task after an unexpected (transient) error — never after bad input; a
     retried train task resumes from the newest checkpoint."""
@@ -115,7 +118,7 @@ class PipelineSpec(Frozen):
     """Training tasks allowed at once on this machine, across processes sharing the work directory;
     others wait for a slot (a killed task's slot frees itself)."""
 
-    def scheduled(self) -> PipelineSpec:
+    def scheduled(self):
         """This spec with the schedule's parameter overrides applied (validated)."""
         if self.schedule is None or not self.schedule.parameters:
             return self
@@ -127,28 +130,10 @@ class PipelineSpec(Frozen):
             for key in path:
                 target = target.setdefault(key, {})
             target[leaf] = value
-        return PipelineSpec.model_validate(data)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_kinds(cls, value: object) -> object:
-        """`model.kind` defaults to gpt, `tokenizer.kind` to char, `data.source` to builtin."""
-        if isinstance(value, dict):
-            value = dict(value)
-            for section, key, default in (
-                ("model", "kind", "gpt"),
-                ("tokenizer", "kind", "char"),
-                ("data", "source", "builtin"),
-            ):
-                if isinstance(value.get(section), dict) and key not in value[section]:
-                    value[section] = {key: default, **value[section]}
-            model, promote = value.get("model"), value.get("promote", {})
-            if isinstance(model, dict) and model.get("kind") == "encoder" and isinstance(promote, dict):
-                value["promote"] = {"metric": "val_mlm_loss", **promote}
-        return value
+        return type(self).model_validate(data)
 
     @model_validator(mode="after")
-    def _schedule_overrides_are_valid(self) -> PipelineSpec:
+    def _schedule_overrides_are_valid(self):
         if self.schedule is not None and self.schedule.parameters:
             try:
                 self.scheduled()
@@ -157,14 +142,45 @@ class PipelineSpec(Frozen):
                 raise ValueError(f"schedule.parameters make an invalid pipeline: {where}") from None
         return self
 
-    @model_validator(mode="after")
-    def _promote_metric_is_reported(self) -> PipelineSpec:
-        objective = "mlm" if self.model.kind == "encoder" else "causal"
+    def _check_promote_metric(self, objective: str, kind: str) -> None:
         if self.promote.metric not in METRICS[objective]:
             raise ValueError(
-                f"promote.metric {self.promote.metric!r} is not reported for {self.model.kind} models; "
+                f"promote.metric {self.promote.metric!r} is not reported for {kind} models; "
                 f"use one of {', '.join(METRICS[objective])}"
             )
+
+
+def _default_kind(value: dict, section: str, key: str, default: str) -> None:
+    if isinstance(value.get(section), dict) and key not in value[section]:
+        value[section] = {key: default, **value[section]}
+
+
+class PipelineSpec(_Spec):
+    """A language-model pipeline: data → tokenizer → model → training → evaluation → registry."""
+
+    task: Literal["language-model"] = "language-model"
+    data: DataConfig = Field(default_factory=BuiltinData)
+    tokenizer: TokenizerConfig = Field(default_factory=CharTokenizerConfig)
+    model: ModelConfig = Field(default_factory=GPTConfig)
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, value: object) -> object:
+        """`model.kind` defaults to gpt, `tokenizer.kind` to char, `data.source` to builtin."""
+        if isinstance(value, dict):
+            value = dict(value)
+            _default_kind(value, "model", "kind", "gpt")
+            _default_kind(value, "tokenizer", "kind", "char")
+            _default_kind(value, "data", "source", "builtin")
+            model, promote = value.get("model"), value.get("promote", {})
+            if isinstance(model, dict) and model.get("kind") == "encoder" and isinstance(promote, dict):
+                value["promote"] = {"metric": "val_mlm_loss", **promote}
+        return value
+
+    @model_validator(mode="after")
+    def _promote_metric_is_reported(self) -> PipelineSpec:
+        self._check_promote_metric("mlm" if self.model.kind == "encoder" else "causal", self.model.kind)
         return self
 
     @model_validator(mode="after")
@@ -177,22 +193,90 @@ class PipelineSpec(Frozen):
         return self
 
 
+class ClassifierSpec(_Spec):
+    """A classification pipeline: labelled data → the initialising model's tokenizer (or a new one) →
+    backbone + head → training → accuracy / macro-F1 → registry. The gate compares macro-F1."""
+
+    task: Literal["classification"]
+    init_from: str = "scratch"
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered language model: its architecture,
+    weights and tokenizer), or `scratch` (a fresh backbone described by `model` and `tokenizer`)."""
+    data: LabelledData
+    tokenizer: TokenizerConfig | None = None
+    """Scratch only (default: char); an initialised classifier uses its model's tokenizer."""
+    model: ModelConfig | None = None
+    """Scratch only, required there; an initialised classifier has its model's architecture."""
+    head: HeadConfig = HeadConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, value: object) -> object:
+        """Scratch: `model.kind` gpt, `tokenizer.kind` char; the gate defaults to macro-F1, higher is better."""
+        if isinstance(value, dict):
+            value = dict(value)
+            if value.get("init_from", "scratch") == "scratch" and value.get("tokenizer") is None:
+                value["tokenizer"] = {"kind": "char"}
+            _default_kind(value, "model", "kind", "gpt")
+            _default_kind(value, "tokenizer", "kind", "char")
+            promote = value.get("promote", {})
+            if isinstance(promote, dict):
+                value["promote"] = {"metric": "val_macro_f1", "mode": "max", **promote}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassifierSpec:
+        if self.init_from == "scratch":
+            if self.model is None:
+                raise ValueError("init_from: scratch needs a `model:` section (the backbone to build)")
+            if self.head.pooling == "cls" and self.model.kind != "encoder":
+                raise ValueError(
+                    f"head.pooling 'cls' needs a bidirectional encoder, not {self.model.kind}; use last or mean"
+                )
+        elif not INIT_URI.match(self.init_from):
+            raise ValueError(
+                f"init_from {self.init_from!r} is not `scratch`, `models:/NAME@ALIAS` or `models:/NAME/VERSION`"
+            )
+        elif self.model is not None or self.tokenizer is not None:
+            raise ValueError(
+                f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
+            )
+        self._check_promote_metric("classification", "classification")
+        return self
+
+    @property
+    def scratch(self) -> bool:
+        return self.init_from == "scratch"
+
+
+AnySpec = Annotated[PipelineSpec | ClassifierSpec, Field(discriminator="task")]
+SPEC = TypeAdapter(AnySpec)
+
+
+def validate_spec(value: dict | PipelineSpec | ClassifierSpec) -> PipelineSpec | ClassifierSpec:
+    """A spec from its JSON form (as a deployment stores it); `task` defaults to language-model."""
+    if isinstance(value, dict):
+        return SPEC.validate_python({"task": "language-model", **value})
+    return value
+
+
 class PipelinesFile(Frozen):
     """The whole file: a default pipeline name and the named pipelines."""
 
-    pipelines: dict[str, PipelineSpec]
+    pipelines: dict[str, AnySpec]
     default: str  # declared after `pipelines` so its validator can see them
 
     @field_validator("pipelines", mode="before")
     @classmethod
     def _names_from_keys(cls, value: object) -> object:
         if isinstance(value, dict):
-            return {k: ({"name": k} | v if isinstance(v, dict) else v) for k, v in value.items()}
+            return {
+                k: ({"name": k, "task": "language-model"} | v if isinstance(v, dict) else v) for k, v in value.items()
+            }
         return value
 
     @field_validator("pipelines")
     @classmethod
-    def _valid_names(cls, value: dict[str, PipelineSpec]) -> dict[str, PipelineSpec]:
+    def _valid_names(cls, value: dict) -> dict:
         bad = [k for k in value if not NAME.match(k)]
         if bad:
             raise ValueError(
@@ -212,7 +296,7 @@ class PipelinesFile(Frozen):
             raise ValueError(f"{value!r} is not one of the pipelines {sorted(pipelines)}")
         return value
 
-    def get(self, name: str | None) -> PipelineSpec:
+    def get(self, name: str | None) -> PipelineSpec | ClassifierSpec:
         """The named pipeline (the default when None); KeyError names the available ones."""
         key = name or self.default
         if key not in self.pipelines:
@@ -226,12 +310,20 @@ def _tags(annotated: object) -> set[str]:
     return {get_args(m.model_fields[field.discriminator].annotation)[0] for m in get_args(union)}
 
 
-UNION_TAGS = {"model": _tags(ModelConfig), "tokenizer": _tags(TokenizerConfig), "data": _tags(DataConfig)}
+UNION_TAGS = {
+    "model": _tags(ModelConfig),
+    "tokenizer": _tags(TokenizerConfig),
+    "data": _tags(DataConfig) | _tags(LabelledData),
+}
 
 
 def _location(loc: tuple) -> str:
     """The YAML path of an error, without the union tag pydantic inserts (``model.gpt.num_layers``)."""
-    parts = [p for i, p in enumerate(loc) if not (i and p in UNION_TAGS.get(loc[i - 1], ()))]
+    parts = [
+        p
+        for i, p in enumerate(loc)
+        if not (i and p in UNION_TAGS.get(loc[i - 1], ())) and not (i == 2 and loc[0] == "pipelines" and p in TASKS)
+    ]
     return ".".join(str(part) for part in parts) or "(top level)"
 
 
@@ -250,7 +342,7 @@ def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = [p for p in err["loc"] if p not in ("function-after[_fits(), PipelineSpec]",)]
+            loc = [p for p in err["loc"] if not str(p).startswith("function-")]
             problems.append(f"{_location(tuple(loc))}: {err['msg']}")
         raise ConfigError(source, problems) from None
 

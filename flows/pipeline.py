@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows import prefect_links, tasks, tracking
-from flows.config import PipelineSpec
+from flows import classify, prefect_links, tasks, tracking
+from flows.config import ClassifierSpec, PipelineSpec, validate_spec
 from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
@@ -22,17 +22,17 @@ def _flow_run_name() -> str:
 
 
 @flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False)
-def lm_pipeline(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False) -> dict:
+def lm_pipeline(
+    spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False
+) -> dict:
     """Run one pipeline end to end; returns the run id, metrics, sample and registered version.
 
     ``workdir`` holds stage outputs and caches; relative data paths are resolved against ``base_dir``.
     An interrupted earlier run of the pipeline is resumed from its newest valid checkpoint into the same
     MLflow run, unless ``fresh``. ``spec`` may be its JSON form (as a deployment stores it).
     """
-    if isinstance(spec, dict):
-        spec = PipelineSpec.model_validate(spec)
+    spec = validate_spec(spec)
     tracking.configure(Path(base_dir))  # MLFLOW_TRACKING_URI, else the embedded store under base_dir
-    context = spec.model.context_length
     resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
     if url := prefect_links.flow_run_url(str(flow_run.id)):
@@ -41,9 +41,15 @@ def lm_pipeline(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str 
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # one naming scheme for every pipeline
     with tracking.tracked_run(spec.name, run_name, tags, resume and resume.run_id) as run_id:
         if resume is None:
-            tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"})))
+            tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)))
         prefect_links.link_mlflow_run(spec.name, run_id)
         retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
+        if spec.task == "classification":
+            result = classify.run(spec, run_id, workdir, base_dir, resume, retry)
+            prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{result['data_digest'][:8]}")
+            get_run_logger().info("registered %s", result["registered"]["uri"])
+            return result
+        context = spec.model.context_length
         corpus = tasks.ingest.with_options(**retry)(spec.data, workdir, base_dir, context)
         prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{corpus['digest'][:8]}")
         tokens = tasks.tokenize.with_options(**retry)(corpus, spec.tokenizer, workdir, context)

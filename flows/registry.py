@@ -45,11 +45,23 @@ def requirements() -> list[str]:
     ]
 
 
-def log_model(run_id: str, files: Mapping[str, str], example_prompt: str, *, objective: str, width: int):
+def log_model(
+    run_id: str,
+    files: Mapping[str, str],
+    example_prompt: str,
+    *,
+    objective: str,
+    width: int = 1,
+    labels: list[str] | None = None,
+):
     """Log the pickle-free pyfunc into ``run_id``. A causal model is packaged text → text (generation
-    params in the signature); an encoder text → feature vector of ``width`` floats."""
+    params in the signature); an encoder text → feature vector of ``width`` floats; a classifier
+    text → {"label", "probabilities": {label: p}}."""
     params = dict(GENERATION_DEFAULTS)
     example_output = [example_prompt + "..."] if objective == "causal" else [[0.0] * width]
+    if objective == "classification":
+        params = None
+        example_output = [{"label": labels[0], "probabilities": {name: 1.0 / len(labels) for name in labels}}]
     signature = infer_signature([example_prompt], example_output, params=params)
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
@@ -58,7 +70,7 @@ def log_model(run_id: str, files: Mapping[str, str], example_prompt: str, *, obj
             artifacts=dict(files),
             code_paths=[str(LM_DIR)],
             signature=signature,
-            input_example=([example_prompt], params | {"max_new_tokens": 8}),
+            input_example=([example_prompt], params | {"max_new_tokens": 8}) if params else [example_prompt],
             pip_requirements=requirements(),
         )
 
@@ -73,6 +85,7 @@ def log_and_register(
     promote: PromoteConfig,
     objective: str = "causal",
     width: int = 1,
+    labels: list[str] | None = None,
     evaluate_champion: Callable | None = None,
 ) -> dict:
     """Log the model, register it (or find the version that already holds these weights), run the gate
@@ -84,7 +97,7 @@ def log_and_register(
         run_id,
         dict(tags),
         sha256_file(Path(files["weights"])),
-        lambda: log_model(run_id, files, example_prompt, objective=objective, width=width).model_uri,
+        lambda: log_model(run_id, files, example_prompt, objective=objective, width=width, labels=labels).model_uri,
     )
     moves: dict[str, int | None] = {"challenger": int(version.version)}
     decision = None
@@ -108,26 +121,47 @@ def log_and_register(
     }
 
 
-def champion_evaluator(spec, corpus_path: Path, scratch: Path) -> Callable:
+PACKAGE_FILES = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
+
+
+def package_files(where: Path) -> dict[str, Path] | None:
+    """The weights, config and tokenizer of a downloaded model package under ``where`` (None if incomplete)."""
+    found = {key: next(Path(where).rglob(name), None) for key, name in PACKAGE_FILES.items()}
+    return None if None in found.values() else found
+
+
+def download_package(name: str, version: int | str, dest: Path) -> dict[str, Path]:
+    """Download a registered version's package files into ``dest`` (replaced whole, atomically)."""
+    from lm.atomic import atomic_dir
+
+    with atomic_dir(Path(dest)) as tmp:
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
+    files = package_files(dest)
+    if files is None:
+        raise FileNotFoundError(f"models:/{name}/{version} lacks one of {sorted(PACKAGE_FILES.values())}")
+    return files
+
+
+def champion_evaluator(spec, data_path: Path, scratch: Path) -> Callable:
     """``evaluate_champion(version) → metric`` for the gate: the champion's packaged files downloaded and
-    evaluated on the validation text at ``corpus_path`` (the challenger's data), as ``spec`` evaluates."""
+    evaluated as ``spec`` evaluates on this run's validation data at ``data_path`` — the corpus of a
+    language model, the labelled examples of a classifier (NaN when the classifier's classes differ)."""
     from lm import stages
+    from lm.classification import stages as classification
     from lm.training import resolve_device, resolve_precision
 
+    evaluate_files = classification.evaluate_files if spec.task == "classification" else stages.evaluate_files
+
     def evaluate_champion(version) -> float:
-        out = Path(scratch) / f"champion-v{version.version}"
-        uri = f"models:/{version.name}/{version.version}"
-        where = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(out)))
-        names = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
-        files = {key: next(where.rglob(name)) for key, name in names.items()}
+        files = download_package(version.name, version.version, Path(scratch) / f"champion-v{version.version}")
         device = resolve_device(spec.train.device)
-        metrics = stages.evaluate_files(
+        metrics = evaluate_files(
             files,
-            corpus_path,
+            data_path,
             batch_size=spec.train.batch_size,
             device=device,
             autocast_dtype=resolve_precision(spec.train.precision, device),
         )
-        return metrics[spec.promote.metric]
+        return metrics.get(spec.promote.metric, float("nan"))
 
     return evaluate_champion

@@ -41,20 +41,25 @@ def loss_curve_png(client: MlflowClient, run_id: str) -> bytes:
     return buffer.getvalue()
 
 
-def model_card(
-    spec: PipelineSpec, run_id: str, tokens: Mapping, trained: Mapping, evaluated: Mapping, registered: Mapping
-) -> str:
-    """A markdown model card: what the model is, what it was trained on, how good it is, what it writes."""
-    model = spec.model.model_dump(mode="json")
+def card_parts(model: Mapping, metrics: Mapping, headline: tuple, registered: Mapping) -> tuple[str, str, str]:
+    """What every model card shows: the architecture's shape, the headline metric rows, the gate's verdict."""
     shape = ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
-    metrics = evaluated["metrics"]
-    rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in HEADLINE if k in metrics and math.isfinite(metrics[k]))
+    rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in headline if k in metrics and math.isfinite(metrics[k]))
     decision = registered.get("decision")
     gate = (
         f"{'promoted to @champion' if decision['promoted'] else 'stays @challenger'}: {decision['reason']}"
         if decision
         else "gate not run (promote.auto is false)"
     )
+    return shape, rows, gate
+
+
+def model_card(
+    spec: PipelineSpec, run_id: str, tokens: Mapping, trained: Mapping, evaluated: Mapping, registered: Mapping
+) -> str:
+    """A markdown model card: what the model is, what it was trained on, how good it is, what it writes."""
+    model = spec.model.model_dump(mode="json")
+    shape, rows, gate = card_parts(model, evaluated["metrics"], HEADLINE, registered)
     samples = "\n\n".join(
         f"**{s['prompt'].strip() or '(empty)'}**\n\n```\n{s['output']}\n```" for s in evaluated.get("samples", [])
     )

@@ -109,7 +109,7 @@ def reconcile_stale(client: MlflowClient, experiment_id: str) -> list[str]:
     return stale
 
 
-TRAJECTORY = ("data", "tokenizer", "model", "train")  # the sections that decide what training computes
+TRAJECTORY = ("data", "tokenizer", "model", "train", "head")  # the sections that decide what training computes
 
 
 def changed_keys(old_params: dict[str, str], spec_params: dict[str, object]) -> list[str]:
@@ -131,7 +131,7 @@ def prepare_resume(spec, workdir: str | Path, fresh: bool) -> Resume | None:
     reconcile_stale(client, exp)
     if fresh:
         return None
-    return find_resumable(client, exp, spec.model_dump(mode="json", exclude={"name"}), Path(workdir))
+    return find_resumable(client, exp, spec.model_dump(mode="json", exclude={"name"}, exclude_none=True), Path(workdir))
 
 
 def find_resumable(client: MlflowClient, experiment_id: str, spec_dump: dict, workdir: Path) -> Resume | None:

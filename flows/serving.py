@@ -1,4 +1,4 @@
-"""Pickle-free MLflow pyfunc ("models from code"): text prompts in, generated text out.
+"""Pickle-free MLflow pyfunc ("models from code"): text in; generated text, features or a label out.
 
 MLflow copies this file into the logged model and runs it at load time; ``set_model`` at the bottom
 names the model object. Weights come from ``model.safetensors``, the architecture from
@@ -26,7 +26,10 @@ def _prompts(model_input: Any) -> list[str]:
 
 class LanguageModelPackage(PythonModel):
     """Loads once in ``load_context``. ``predict``: for a generative (causal) model, each prompt plus a
-    sampled continuation; for an encoder, each text's mean-pooled features (a list of floats)."""
+    sampled continuation; for an encoder, each text's mean-pooled features (a list of floats); for a
+    classifier, each text's ``{"label": …, "probabilities": {label: p, …}}`` (summing to 1)."""
+
+    classifier = None
 
     def load_context(self, context) -> None:
         from pydantic import TypeAdapter
@@ -38,6 +41,11 @@ class LanguageModelPackage(PythonModel):
 
         with open(context.artifacts["config"], encoding="utf-8") as f:
             config = json.load(f)
+        if config.get("task") == "classification":
+            from lm.classification.stages import load_package
+
+            self.classifier, self.tokenizer, self.config = load_package(context.artifacts)
+            return
         model = build_model(TypeAdapter(ModelConfig).validate_python(config["model"]), config["vocab_size"])
         self.model = load_weights(context.artifacts["weights"], model).eval()
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
@@ -48,6 +56,8 @@ class LanguageModelPackage(PythonModel):
             )
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list:
+        if self.classifier is not None:
+            return self._classify(_prompts(model_input))
         if self.model.objective == "mlm":
             return [self._features(text) for text in _prompts(model_input)]
         from lm.generation import GENERATION_DEFAULTS, generate
@@ -69,6 +79,18 @@ class LanguageModelPackage(PythonModel):
             text = self.tokenizer.decode(ids)
             outputs.append(prompt + (text[: text.index(stop) + len(stop)] if stop and stop in text else text))
         return outputs
+
+    def _classify(self, texts: list[str]) -> list[dict]:
+        from lm.classification.examples import encode_examples
+        from lm.classification.metrics import predict
+
+        examples = encode_examples(self.tokenizer, [{"text": t, "label": 0} for t in texts], self.config["max_tokens"])
+        probs, _ = predict(self.classifier, examples)
+        labels = self.config["labels"]
+        return [
+            {"label": labels[int(row.argmax())], "probabilities": dict(zip(labels, map(float, row), strict=True))}
+            for row in probs
+        ]
 
     def _features(self, text: str) -> list[float]:
         import torch

@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
+from pydantic import TypeAdapter
 
 from flows import machine, registry, slots, tracking
 from flows import report as reporting
@@ -94,18 +95,23 @@ def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, repla
     peak = machine.peak_flops(device, resolve_precision(spec.train.precision, device))
     tracking.set_tags(run_id, {"lmp.peak_gflops": f"{peak / 1e9:.1f}"})
     with tracking.MetricSink(run_id, resuming=replaying) as sink, resume_mod.STOP.handling():
-        result = stages.fit(
-            tokens,
-            spec.model,
-            spec.train,
-            out,
-            on_metrics=sink,
-            on_start=log_card,
-            resume_from=resume,
-            before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
-            should_stop=resume_mod.STOP.requested,
-            peak_flops=peak,
-        )
+        hooks = {
+            "on_metrics": sink,
+            "on_start": log_card,
+            "resume_from": resume,
+            "before_checkpoint": lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
+            "should_stop": resume_mod.STOP.requested,
+            "peak_flops": peak,
+        }
+        if spec.task == "classification":  # ``tokens`` are the encoded examples, with the backbone to build
+            from lm.classification import stages as classification
+            from lm.config import ModelConfig
+
+            backbone = TypeAdapter(ModelConfig).validate_python(tokens["model"])
+            init = Path(tokens["init_weights"]) if tokens["init_weights"] else None
+            result = classification.fit(tokens, backbone, spec.head, spec.train, out, init_weights=init, **hooks)
+        else:
+            result = stages.fit(tokens, spec.model, spec.train, out, **hooks)
     summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
     if result["best_step"] is not None:
         summary["best_step"] = result["best_step"]

@@ -86,6 +86,29 @@ def plan(
     return stages + _rest(None, None)
 
 
+def plan_classification(pipeline: str, data_cfg, *, init_from: str, workdir: Path, base_dir: Path) -> list[StagePlan]:
+    """``plan`` for a classification pipeline: the labelled examples are explained like a corpus; the
+    tokenize stage depends on the initialising model, which only a run resolves."""
+    from lm.classification import data as labelled
+
+    workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
+    init = [] if init_from == "scratch" else [StagePlan("init-model", "run", f"resolves {init_from} in the registry")]
+    try:
+        now = labelled.dataset_inputs(data_cfg, Path(base_dir))
+    except (OSError, ValueError) as e:
+        return init + [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest")
+    hit = labelled.cached_dataset(workdir / "labelled", labelled.inputs_key(now))
+    if hit is None:
+        why = changes(last.get("ingest"), now) or ["cached examples missing or altered on disk"]
+        return init + [StagePlan("ingest", "run", "; ".join(why))] + _rest("tokenize", "depends on ingest")
+    tokenize = "reused when the examples and the tokenizer (the init model's, or one trained here) are unchanged"
+    return (
+        init
+        + [StagePlan("ingest", "cached", f"digest {hit['digest'][:12]}…, examples {hit['examples']}")]
+        + _rest("tokenize", tokenize)
+    )
+
+
 def _rest(stage: str | None, reason: str | None) -> list[StagePlan]:
     head = [StagePlan(stage, "run", reason)] if stage else []
     return head + [StagePlan(s, "run", "never cached: every run trains, evaluates and registers") for s in UNCACHED]

@@ -82,28 +82,33 @@ def load(cfg: DataConfig, base_dir: Path, cache_dir: Path) -> tuple[list[Documen
 
 def resolve_files(cfg: FilesData, base_dir: Path) -> list[Path]:
     """Every file the ``paths`` entries name (folders recursively, globs expanded), sorted, de-duplicated."""
+    return resolve_paths(cfg.paths, base_dir, allow_outside=cfg.allow_outside)
+
+
+def resolve_paths(
+    paths: tuple[str, ...], base_dir: Path, *, allow_outside: bool, key: str = "data.paths"
+) -> list[Path]:
+    """``resolve_files`` for a list of entries; ``key`` names the setting in error messages."""
     base = Path(base_dir)
     found: dict[Path, None] = {}
-    for entry in cfg.paths:
+    for entry in paths:
         target = base / entry
         if any(ch in entry for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(target), recursive=True) if Path(p).is_file())
             if not matches:
-                raise SourceError(f"data.paths: the pattern {entry!r} matches no file under {base}")
+                raise SourceError(f"{key}: the pattern {entry!r} matches no file under {base}")
         elif target.is_dir():
             matches = sorted(p for p in target.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not matches:
-                raise SourceError(f"data.paths: the folder {entry!r} is empty; add text files or fix the path")
+                raise SourceError(f"{key}: the folder {entry!r} is empty; add text files or fix the path")
         elif target.is_file():
             matches = [target]
         else:
-            raise SourceError(f"data.paths: {entry!r} does not exist (looked in {base}); fix the path")
-        if not cfg.allow_outside:
+            raise SourceError(f"{key}: {entry!r} does not exist (looked in {base}); fix the path")
+        if not allow_outside:
             escaped = [str(m) for m in matches if not m.resolve().is_relative_to(base.resolve())]
             if escaped:
-                raise SourceError(
-                    f"data.paths: {escaped[:3]} resolve outside {base} (symlinks?); set allow_outside: true"
-                )
+                raise SourceError(f"{key}: {escaped[:3]} resolve outside {base} (symlinks?); set allow_outside: true")
         found.update(dict.fromkeys(matches))
     return list(found)
 
@@ -169,6 +174,12 @@ def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) 
 
 def _load_table(path: Path, fmt: str, gunzipped: bytes | None, cfg: FilesData, cache_dir: Path) -> list[Document]:
     """JSON Lines / CSV / Parquet through the `datasets` local loaders."""
+    table = read_table(path, fmt, gunzipped, cache_dir)
+    return _table_documents(table, cfg.text_column, cfg.document_column, str(path))
+
+
+def read_table(path: Path, fmt: str, gunzipped: bytes | None, cache_dir: Path):
+    """A JSON Lines / CSV / Parquet file as a `datasets.Dataset` (``gunzipped``: its bytes, when gzip)."""
     import datasets
 
     local = path
@@ -181,7 +192,7 @@ def _load_table(path: Path, fmt: str, gunzipped: bytes | None, cfg: FilesData, c
         table = datasets.load_dataset(builder, data_files=str(local), split="train", cache_dir=str(cache_dir))
     except Exception as e:  # the loaders raise many types for malformed files
         raise SourceError(f"{path}: cannot read as {fmt}: {e}") from None
-    return _table_documents(table, cfg.text_column, cfg.document_column, str(path))
+    return table
 
 
 def _plain_suffix(fmt: str) -> str:

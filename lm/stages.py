@@ -88,6 +88,25 @@ def fit(
         "tokenizer_digest": tokens["tokenizer_digest"],
         "data_digest": tokens["data_digest"],
     }
+    return card | run_training(
+        model,
+        train_split,
+        val_split,
+        train_cfg,
+        Path(out_dir),
+        state,
+        on_metrics=on_metrics,
+        resume_from=resume_from,
+        before_checkpoint=before_checkpoint,
+        should_stop=should_stop,
+        peak_flops=peak_flops,
+    )
+
+
+def run_training(model, train_data, val_data, train_cfg: TrainConfig, out_dir: Path, state: dict, *,
+                 resume_from: Path | None = None, **hooks) -> dict:  # fmt: skip
+    """``train`` with ``state`` saved in every checkpoint; a resume from a checkpoint whose state differs
+    (another model, tokenizer, corpus, labels …) is refused, naming the keys. The result as a dict."""
     if resume_from is not None:
         saved = verify_checkpoint(resume_from)
         differing = sorted(k for k, v in state.items() if saved.get(k) != v)
@@ -97,19 +116,10 @@ def fit(
                 "pass --fresh to start over"
             )
     result = train(
-        model,
-        train_split,
-        val_split,
-        train_cfg,
-        on_metrics=on_metrics,
-        checkpoint_dir=Path(out_dir),
-        checkpoint_state=state,
-        resume_from=resume_from,
-        before_checkpoint=before_checkpoint,
-        should_stop=should_stop,
-        peak_flops=peak_flops,
-    )
-    return card | {
+        model, train_data, val_data, train_cfg, checkpoint_dir=Path(out_dir), checkpoint_state=state,
+        resume_from=resume_from, **hooks,
+    )  # fmt: skip
+    return {
         "checkpoint": str(result.checkpoint),
         "steps": result.steps,
         "train_loss": result.train_loss,

@@ -27,6 +27,8 @@ from lm.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from lm.classification.examples import Examples, ExampleSampler
+from lm.classification.metrics import validation_loss
 from lm.config import TrainConfig
 from lm.evaluation import mean_loss
 
@@ -161,9 +163,38 @@ class StreamSampler(BatchSampler):
         return self._window(starts), index > 0
 
 
-def make_sampler(tokens: np.ndarray, cfg: TrainConfig, context_length: int) -> BatchSampler:
+def make_sampler(data: np.ndarray | Examples, cfg: TrainConfig, context_length: int) -> BatchSampler | ExampleSampler:
+    """Windows of a token array (language models), or batches of labelled examples (classifiers)."""
+    if isinstance(data, Examples):
+        return ExampleSampler(data, batch_size=cfg.batch_size, seed=cfg.seed)
     kind = StreamSampler if cfg.batching == "streams" else BatchSampler
-    return kind(tokens, context_length=context_length, batch_size=cfg.batch_size, seed=cfg.seed)
+    sampler = kind(data, context_length=context_length, batch_size=cfg.batch_size, seed=cfg.seed)
+    sampler.tokens_per_batch = cfg.batch_size * context_length
+    return sampler
+
+
+def validation_estimate(model: nn.Module, data: np.ndarray | Examples, cfg: TrainConfig, device, amp_dtype) -> float:
+    """The periodic validation loss on the first ``cfg.eval_tokens`` tokens (or examples' worth of them)."""
+    if isinstance(data, Examples):
+        per_example = max(1, int(np.mean(data.lengths)))
+        return validation_loss(
+            model,
+            data,
+            batch_size=cfg.batch_size,
+            device=device,
+            autocast_dtype=amp_dtype,
+            max_examples=max(1, cfg.eval_tokens // per_example),
+        )[0]
+    loss, _ = mean_loss(
+        model,
+        data,
+        context_length=model.context_length,
+        batch_size=cfg.batch_size,
+        device=device,
+        autocast_dtype=amp_dtype,
+        max_tokens=cfg.eval_tokens,
+    )
+    return loss
 
 
 def detach_state(state):
@@ -216,8 +247,8 @@ def restore_training_state(optimizer, sampler: BatchSampler, tensors: dict, meta
 
 def train(
     model: nn.Module,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
+    train_tokens: np.ndarray | Examples,
+    val_tokens: np.ndarray | Examples,
     cfg: TrainConfig,
     *,
     on_metrics: MetricSink,
@@ -253,7 +284,7 @@ def train(
     sampler = make_sampler(train_tokens, cfg, ctx)
     optimizer = make_optimizer(model, cfg, device)
     score = torch.compile(model.score) if cfg.compile else model.score
-    tokens_per_step = cfg.batch_size * ctx * cfg.grad_accumulation
+    tokens_per_step = sampler.tokens_per_batch * cfg.grad_accumulation
     flops_per_token = model.flops_per_token() if peak_flops else None
     rates: list[float] = []
     losses: list[float] = []
@@ -283,15 +314,7 @@ def train(
         prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
 
     def validate(step: int) -> float:
-        loss, _ = mean_loss(
-            model,
-            val_tokens,
-            context_length=ctx,
-            batch_size=cfg.batch_size,
-            device=device,
-            autocast_dtype=amp_dtype,
-            max_tokens=cfg.eval_tokens,
-        )
+        loss = validation_estimate(model, val_tokens, cfg, device, amp_dtype)
         on_metrics(step, {"val_loss_estimate": loss})
         return loss
 

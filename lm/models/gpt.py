@@ -59,7 +59,12 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        rope: tuple | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape  # batch, time, channels
         q, k, v = self.qkv(x).split(C, dim=2)
@@ -70,8 +75,15 @@ class SelfAttention(nn.Module):
         if cache is not None:  # decoding: attend to every earlier token too
             k, v = cache.extend(layer, k, v)
         # One new token attends to all cached ones; a prompt (cache empty before it) is masked causally.
+        # ``key_mask`` (B, T), True for real tokens, keeps every position from attending to padding.
+        mask, causal = None, self.causal and T > 1
+        if key_mask is not None:
+            mask = key_mask[:, None, None, :]
+            if causal:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -99,9 +111,14 @@ class Block(nn.Module):
         self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        rope: tuple | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,11 +158,19 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) → final hidden states (B, T, C), after the last layer norm."""
-        return self._hidden(tokens)
+    @property
+    def max_length(self) -> int:
+        """Longest sequence ``encode`` accepts (task heads read longer texts window by window)."""
+        return self.context_length
 
-    def _hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → final hidden states (B, T, C), after the last layer norm. ``key_mask`` (B, T):
+        True for real tokens; padding is then never attended to."""
+        return self._hidden(tokens, key_mask=key_mask)
+
+    def _hidden(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The trunk; with ``cache``, ``tokens`` continue the sequence the cache holds (and extend it)."""
         T, offset = tokens.shape[1], cache.length if cache is not None else 0
         if offset + T > self.context_length:
@@ -161,7 +186,7 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(torch.arange(offset, offset + T, device=tokens.device))
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer, key_mask)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)

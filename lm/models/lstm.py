@@ -39,6 +39,8 @@ class LSTMLM(nn.Module):
             self.head.weight = self.embedding.weight
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
 
+    max_length = None  # ``encode`` reads any length: the state carries
+
     def encode(self, tokens: torch.Tensor, state: tuple | None = None) -> torch.Tensor:
         """tokens (B, T) → top-layer hidden states (B, T, H)."""
         hidden, _ = self.lstm(self.dropout(self.embedding(tokens)), state)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +30,34 @@ def mlflow_store(tmp_path, monkeypatch):
     uri = tracking.configure(tmp_path)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def store(prefect_harness, tmp_path_factory):
+    """One embedded store with a GPT and an LSTM language model and a genre classifier fine-tuned from the
+    GPT (smoke-genre, init_from models:/smoke@champion), each run once; yields its directory."""
+    import mlflow
+
+    from flows import tracking
+    from flows.config import load_pipelines
+    from flows.pipeline import lm_pipeline
+    from lm.config import LSTMConfig
+
+    path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
+    os.chdir(path)
+    tracking.configure(path)
+    shipped = load_pipelines(ROOT / "pipelines.yaml")
+    smoke = shipped.get("smoke")
+    lstm = smoke.model_copy(
+        update={
+            "name": "smoke-lstm",
+            "model": LSTMConfig(kind="lstm", num_layers=1, embed_dim=16, hidden_dim=32, context_length=32),
+        }
+    )
+    for spec in (smoke, lstm, shipped.get("smoke-genre")):
+        lm_pipeline(spec, workdir=str(path / ".lmp"))
+    try:
+        yield path
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.chdir(cwd)

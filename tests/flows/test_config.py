@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
-from flows.config import ConfigError, PipelineSpec, load_pipelines, parse_pipelines
+from flows.config import ClassifierSpec, ConfigError, PipelineSpec, load_pipelines, parse_pipelines
 from lm.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,10 +16,41 @@ SHIPPED = load_pipelines(ROOT / "pipelines.yaml")
 @pytest.mark.parametrize("name", sorted(SHIPPED.pipelines))
 def test_every_shipped_pipeline_validates_and_builds_its_model(name):
     spec = SHIPPED.get(name)
-    assert isinstance(spec, PipelineSpec) and spec.name == name
+    assert isinstance(spec, PipelineSpec | ClassifierSpec) and spec.name == name
+    assert spec.description
+    if spec.model is None:  # a classifier initialised from a registered model: its architecture comes from there
+        assert spec.task == "classification" and spec.init_from.startswith("models:/")
+        return
     model = build_model(spec.model, vocab_size=80)
     assert model.context_length == spec.model.context_length
-    assert spec.description
+
+
+CLASSIFIER = {"task": "classification", "data": {"source": "shakespeare-genre"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"init_from": "models:/x@champion", "model": {"num_layers": 1}}, "architecture and tokenizer come from"),
+        ({"init_from": "runs:/abc/model"}, "is not `scratch`, `models:/NAME@ALIAS`"),
+        ({}, "init_from: scratch needs a `model:` section"),
+        ({"model": {"kind": "gpt"}, "head": {"pooling": "cls"}}, "head.pooling 'cls' needs a bidirectional encoder"),
+        ({"init_from": "models:/x/3", "promote": {"metric": "val_bpc"}}, "promote.metric 'val_bpc' is not reported"),
+        ({"init_from": "models:/x/3", "data": {"source": "files", "paths": ["../x.csv"]}}, "lead outside"),
+    ],
+)
+def test_classifier_specs_are_checked_once(extra, problem):
+    with pytest.raises(ConfigError, match=problem) as caught:
+        parse_pipelines(yaml.safe_dump({"default": "c", "pipelines": {"c": CLASSIFIER | extra}}))
+    assert all(p.startswith("pipelines.c") for p in caught.value.problems)
+
+
+def test_a_classifier_defaults_to_a_macro_f1_gate_and_a_char_tokenizer():
+    spec = parse_pipelines(
+        yaml.safe_dump({"default": "c", "pipelines": {"c": CLASSIFIER | {"model": {"num_layers": 1}}}})
+    ).get("c")
+    assert (spec.promote.metric, spec.promote.mode) == ("val_macro_f1", "max")
+    assert spec.tokenizer.kind == "char" and spec.model.kind == "gpt" and spec.scratch
 
 
 def test_default_pipeline_is_the_shakespeare_gpt():
@@ -65,7 +97,7 @@ def test_python_tags_are_refused_and_never_executed(tmp_path):
 
 def test_unknown_pipeline_names_the_available_ones():
     names = ", ".join(sorted(SHIPPED.pipelines))
-    assert names.startswith("shakespeare-bpe-gpt, shakespeare-char-gpt") and "smoke" in names
+    assert "shakespeare-bpe-gpt, shakespeare-char-gpt" in names and "smoke" in names
     with pytest.raises(KeyError, match=f"no pipeline named 'nope'; available: {names}"):
         SHIPPED.get("nope")
 

@@ -9,43 +9,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from flows.config import load_pipelines
-from lm.config import LSTMConfig
-
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def store(prefect_harness, tmp_path_factory):
-    """Two pipelines (a GPT and an LSTM) run once into one embedded store; yields its directory."""
-    import mlflow
-
-    from flows import tracking
-    from flows.pipeline import lm_pipeline
-
-    path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
-    os.chdir(path)
-    tracking.configure(path)
-    smoke = load_pipelines(ROOT / "pipelines.yaml").get("smoke")
-    lstm = smoke.model_copy(
-        update={
-            "name": "smoke-lstm",
-            "model": LSTMConfig(kind="lstm", num_layers=1, embed_dim=16, hidden_dim=32, context_length=32),
-        }
-    )
-    for spec in (smoke, lstm):
-        lm_pipeline(spec, workdir=str(path / ".lmp"))
-    try:
-        yield path
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.chdir(cwd)
 
 
 def test_compare_lines_up_runs_of_different_pipelines(store):
@@ -54,9 +26,9 @@ def test_compare_lines_up_runs_of_different_pipelines(store):
     result = runner.invoke(app, ["compare", "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert {r["pipeline"] for r in rows} == {"smoke", "smoke-lstm"}
-    assert {r["architecture"] for r in rows} == {"gpt", "lstm"}
-    for row in rows:
+    assert {"smoke", "smoke-lstm", "smoke-genre"} <= {r["pipeline"] for r in rows}  # the store is shared
+    assert {r["architecture"] for r in rows if r["pipeline"] in ("smoke", "smoke-lstm")} == {"gpt", "lstm"}
+    for row in [r for r in rows if r["pipeline"] in ("smoke", "smoke-lstm")]:
         for column in ("run", "parameters", "val_bpc", "tokens_per_s", "wall_s", "version"):
             assert row[column] not in (None, ""), (column, row)
     table = runner.invoke(app, ["compare", "smoke-lstm"])
@@ -84,7 +56,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_with_generated_text(store, tmp_path):
+@contextmanager
+def serving(store: Path, model_uri: str, tmp_path: Path) -> Iterator[Callable[[dict], list]]:
+    """`mlflow models serve` on a free port, pickle deserialisation off; yields ``post(body) → predictions``."""
     port, bin_dir = _free_port(), str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env |= {
@@ -93,10 +67,20 @@ def test_mlflow_models_serve_answers_with_generated_text(store, tmp_path):
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         "TMPDIR": str(tmp_path),
     }
-    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/smoke@champion",
+    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri,
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def post(body: dict) -> list:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["predictions"]
+
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and server.poll() is None:
@@ -106,16 +90,26 @@ def test_mlflow_models_serve_answers_with_generated_text(store, tmp_path):
             except OSError:
                 time.sleep(0.2)  # bounded readiness poll of a real server
         assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        body = {"inputs": ["ROMEO:\n", "JULIET:\n"], "params": {"max_new_tokens": 10, "temperature": 0, "seed": 0}}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
-        assert [p[: len(q)] for p, q in zip(predictions, body["inputs"], strict=True)] == body["inputs"]
-        assert all(len(p) == len(q) + 10 for p, q in zip(predictions, body["inputs"], strict=True))
+        yield post
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_mlflow_models_serve_answers_with_generated_text(store, tmp_path):
+    with serving(store, "models:/smoke@champion", tmp_path) as post:
+        body = {"inputs": ["ROMEO:\n", "JULIET:\n"], "params": {"max_new_tokens": 10, "temperature": 0, "seed": 0}}
+        predictions = post(body)
+    assert [p[: len(q)] for p, q in zip(predictions, body["inputs"], strict=True)] == body["inputs"]
+    assert all(len(p) == len(q) + 10 for p, q in zip(predictions, body["inputs"], strict=True))
+
+
+def test_mlflow_models_serve_answers_a_classifier_with_labels_and_probabilities(store, tmp_path):
+    texts = ["KING HENRY:\nOnce more unto the breach, dear friends.", "Good morrow, sweet lady.", ""]
+    with serving(store, "models:/smoke-genre@champion", tmp_path) as post:
+        predictions = post({"inputs": texts})
+    assert len(predictions) == 3
+    for p in predictions:
+        assert set(p["probabilities"]) == {"comedies", "histories", "tragedies"}
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
