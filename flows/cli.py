@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flows import cli_models, cli_servers
+from flows.cli_models import fail
 from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
 from lm.errors import DataError
 
@@ -95,6 +96,7 @@ def run(
     from flows import tracking
     from flows.pipeline import lm_pipeline  # imported late: prefect, mlflow and torch start-up is not free
     from flows.resume import STOP
+    from flows.torchrun import RankFailed
     from lm.training import TrainingInterrupted
 
     uri = tracking.configure(Path.cwd())
@@ -120,6 +122,9 @@ def run(
     except DataError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except RankFailed as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except TrainingInterrupted as e:
         err.print(f"stopped: {escape(str(e))}. Run the same command again to resume.", highlight=False, soft_wrap=True)
         raise typer.Exit(128 + (STOP.signal or signal.SIGTERM)) from None
@@ -142,6 +147,45 @@ def run(
     console.print(table)
     console.print("[bold]sample[/bold]")
     console.print(result["sample"], markup=False, highlight=False)
+
+
+@app.command()
+def sweep(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline with a `sweep:` section.")],
+    config: ConfigOption = Path("pipelines.yaml"),
+) -> None:
+    """Run the pipeline's hyperparameter sweep on a Dask cluster: a live table of the trials, then the
+    ranking; the best trial's model is registered and gated."""
+    spec = _spec(config, pipeline)
+    if spec.sweep is None:
+        raise fail(f"pipeline {spec.name!r} has no `sweep:` section; add one (see README, Scaling out)")
+    from flows import prefect_server
+
+    server = prefect_server.start_if_needed(WORK_DIR / "logs" / "prefect-server.log")
+    from flows import sweep as sweeping
+    from flows import tracking
+
+    tracking.configure(Path.cwd())
+    if server is not None:
+        server.ready()
+    started = time.time()
+    runner = sweeping.task_runner(spec.sweep, WORK_DIR)
+    with sweeping.live_table(spec, started, console):
+        try:
+            result = sweeping.lm_sweep.with_options(task_runner=runner)(spec, str(WORK_DIR), str(Path.cwd()))
+        except DataError as e:
+            raise fail(str(e)) from None
+    metric = result["metric"]
+    table = Table(title=f"{spec.name}: ranking by {metric} ({spec.promote.mode})")
+    for column in ("rank", "trial", *spec.sweep.parameters, metric, "run"):
+        table.add_column(column)
+    for i, r in enumerate(result["ranking"], 1):
+        values = [str(r["values"][k]) for k in spec.sweep.parameters]
+        table.add_row(str(i), str(r["trial"]), *values, f"{r[metric]:.4f}", r["run_id"][:8])
+    console.print(table)
+    if result["failed"]:
+        err.print(f"[yellow]{len(result['failed'])} trial(s) failed:[/yellow] {result['failed']}")
+    console.print(f"registered {result['registered']['uri']} (parent run {result['parent_run_id']})")
 
 
 @app.command()

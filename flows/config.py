@@ -96,6 +96,39 @@ class ScheduleConfig(Frozen):
         return self
 
 
+SWEEPABLE = ("model", "train", "eval")  # not data/tokenizer: every trial reuses one ingest and tokenize
+
+
+class SweepConfig(Frozen):
+    """A hyperparameter search for `lmp sweep`: trials fan out over a Dask cluster (a local one by default)."""
+
+    method: Literal["grid", "random"] = "grid"
+    """`grid`: every combination of the values; `random`: `trials` seeded draws, one value per key."""
+    parameters: dict[str, list[Any]] = Field(min_length=1)
+    """Dotted config keys and their candidate values, e.g. {"train.learning_rate": [0.001, 0.003]}."""
+    trials: int | None = Field(default=None, gt=0)
+    """Random search: how many trials (required there; a grid has one per combination)."""
+    seed: int = 0
+    max_parallel: int = Field(default=2, gt=0)
+    """Trials running at once (Dask workers of the local cluster, one process each)."""
+    scheduler_address: str | None = None
+    """An existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (its workers need this project installed)."""
+    metric: str | None = None
+    """What ranks the trials (default: `promote.metric`, in `promote.mode`)."""
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SweepConfig:
+        bad = [k for k in self.parameters if k.split(".")[0] not in SWEEPABLE or "." not in k]
+        if bad:
+            raise ValueError(f"sweep.parameters {bad}: only {', '.join(s + '.*' for s in SWEEPABLE)} keys can vary")
+        empty = [k for k, v in self.parameters.items() if not v]
+        if empty:
+            raise ValueError(f"sweep.parameters {empty} have no values")
+        if (self.method == "random") != (self.trials is not None):
+            raise ValueError("sweep.trials is required for method: random and not used by method: grid")
+        return self
+
+
 class _Spec(Frozen):
     """What every pipeline has, whatever its task: a name, training, operations and the promotion gate."""
 
@@ -117,20 +150,55 @@ class _Spec(Frozen):
     training_slots: int = Field(default=1, gt=0)
     """Training tasks allowed at once on this machine, across processes sharing the work directory;
     others wait for a slot (a killed task's slot frees itself)."""
+    sweep: SweepConfig | None = None
+    """A hyperparameter search `lmp sweep` runs (each trial a child run; the best is registered)."""
 
     def scheduled(self):
         """This spec with the schedule's parameter overrides applied (validated)."""
         if self.schedule is None or not self.schedule.parameters:
             return self
+        return self.overridden(self.schedule.parameters, clear="schedule")
+
+    def overridden(self, values: dict[str, Any], clear: str | None = None):
+        """This spec with dotted-key ``values`` applied and validated (``clear``: the section whose
+        overrides these are, emptied so they are not applied twice)."""
         data = self.model_dump(mode="json")
-        data["schedule"]["parameters"] = {}  # applied below
-        for dotted, value in self.schedule.parameters.items():
+        if clear == "schedule":
+            data["schedule"]["parameters"] = {}
+        elif clear == "sweep":
+            data["sweep"] = None
+        for dotted, value in values.items():
             node, *path, leaf = dotted.split(".")
             target = data.setdefault(node, {})
             for key in path:
                 target = target.setdefault(key, {})
             target[leaf] = value
         return type(self).model_validate(data)
+
+    def trials(self) -> list[tuple[dict[str, Any], _Spec]]:
+        """The sweep's trials: (the values it tries, the spec with them applied)."""
+        import itertools
+        import random
+
+        cfg = self.sweep
+        keys = list(cfg.parameters)
+        if cfg.method == "grid":
+            combos = list(itertools.product(*(cfg.parameters[k] for k in keys)))
+        else:
+            rng = random.Random(cfg.seed)
+            combos = [tuple(rng.choice(cfg.parameters[k]) for k in keys) for _ in range(cfg.trials)]
+        return [(dict(zip(keys, combo, strict=True)), self.overridden(dict(zip(keys, combo, strict=True)), "sweep"))
+                for combo in combos]  # fmt: skip
+
+    @model_validator(mode="after")
+    def _sweep_trials_are_valid(self):
+        if self.sweep is not None:
+            try:
+                self.trials()
+            except ValidationError as e:
+                where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"sweep.parameters make an invalid pipeline: {where}") from None
+        return self
 
     @model_validator(mode="after")
     def _schedule_overrides_are_valid(self):
@@ -241,6 +309,8 @@ class ClassifierSpec(_Spec):
                 f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
             )
         self._check_promote_metric("classification", "classification")
+        if self.sweep is not None:
+            raise ValueError("sweep: only language-model pipelines can be swept so far; remove `sweep:`")
         return self
 
     @property

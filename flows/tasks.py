@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
-from pydantic import TypeAdapter
 
-from flows import machine, registry, slots, tracking
+from flows import machine, registry, slots, torchrun, tracking
 from flows import report as reporting
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
@@ -94,24 +94,32 @@ def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, repla
     device = resolve_device(spec.train.device)
     peak = machine.peak_flops(device, resolve_precision(spec.train.precision, device))
     tracking.set_tags(run_id, {"lmp.peak_gflops": f"{peak / 1e9:.1f}"})
-    with tracking.MetricSink(run_id, resuming=replaying) as sink, resume_mod.STOP.handling():
-        hooks = {
-            "on_metrics": sink,
-            "on_start": log_card,
-            "resume_from": resume,
-            "before_checkpoint": lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
-            "should_stop": resume_mod.STOP.requested,
+    if spec.train.distributed is not None and spec.train.distributed.world_size > 1:
+        job = {
+            "spec": spec.model_dump(mode="json"),
+            "tokens": tokens,
+            "run_id": run_id,
+            "out": str(out),
+            "resume_from": str(resume) if resume else None,
+            "replaying": replaying,
             "peak_flops": peak,
+            "tracking_uri": mlflow.get_tracking_uri(),
         }
-        if spec.task == "classification":  # ``tokens`` are the encoded examples, with the backbone to build
-            from lm.classification import stages as classification
-            from lm.config import ModelConfig
-
-            backbone = TypeAdapter(ModelConfig).validate_python(tokens["model"])
-            init = Path(tokens["init_weights"]) if tokens["init_weights"] else None
-            result = classification.fit(tokens, backbone, spec.head, spec.train, out, init_weights=init, **hooks)
-        else:
-            result = stages.fit(tokens, spec.model, spec.train, out, **hooks)
+        with resume_mod.STOP.handling():
+            result = torchrun.run(spec, job, out, should_stop=resume_mod.STOP.requested, log=log)
+    else:
+        with tracking.MetricSink(run_id, resuming=replaying) as sink, resume_mod.STOP.handling():
+            result = torchrun.fit_stage(
+                spec,
+                tokens,
+                out,
+                on_metrics=sink,
+                on_start=log_card,
+                resume_from=resume,
+                before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
+                should_stop=resume_mod.STOP.requested,
+                peak_flops=peak,
+            )
     summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
     if result["best_step"] is not None:
         summary["best_step"] = result["best_step"]

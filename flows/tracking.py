@@ -34,7 +34,11 @@ def default_tracking_uri(root: Path) -> str:
 
 def configure(root: Path | str = ".") -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store under ``root``; returns the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root))
+    return configure_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root)))
+
+
+def configure_uri(uri: str) -> str:
+    """Point MLflow's tracking and registry at ``uri`` (e.g. what another process configured)."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///"):

@@ -208,6 +208,25 @@ ModelConfig = Annotated[GPTConfig | LSTMConfig | EncoderConfig, Field(discrimina
 """The architecture, chosen by `kind`; `lm.models.build_model` is the only place that dispatches on it."""
 
 
+class DistributedConfig(Frozen):
+    """Data-parallel training with `torchrun` (DistributedDataParallel): one process per device or core."""
+
+    nproc_per_node: int = Field(default=1, ge=1)
+    """Processes on this host (GPUs on a GPU host; on CPU, processes that split the cores)."""
+    nnodes: int = Field(default=1, ge=1)
+    """Hosts; with more than one, each runs the same job with its own `node_rank`."""
+    node_rank: int = Field(default=0, ge=0)
+    master_addr: str = "127.0.0.1"
+    """Rendezvous host for `nnodes > 1` (a single host uses a standalone rendezvous)."""
+    master_port: int = Field(default=29500, gt=0, lt=65536)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """`auto`: nccl on CUDA, gloo on CPU."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 class TrainConfig(Frozen):
     """The optimisation schedule. Architecture-independent."""
 
@@ -253,6 +272,18 @@ class TrainConfig(Frozen):
     """Write a resumable checkpoint every N steps (0: only the final weights)."""
     keep_checkpoints: int = Field(default=2, gt=0)
     """How many resumable checkpoints to keep (the newest)."""
+    distributed: DistributedConfig | None = None
+    """Train with this many `torchrun` processes; `batch_size` stays the global batch, each of N processes
+    reads batch_size / N rows of it (so batch_size must divide by N)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.distributed is not None and self.batch_size % self.distributed.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch and must be divisible by the "
+                f"{self.distributed.world_size} processes; change batch_size or distributed.nproc_per_node"
+            )
+        return self
 
 
 class EvalConfig(Frozen):

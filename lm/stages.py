@@ -68,6 +68,7 @@ def fit(
     before_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     peak_flops: float | None = None,
+    dist=None,
 ) -> dict:
     """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``.
 
@@ -100,6 +101,7 @@ def fit(
         before_checkpoint=before_checkpoint,
         should_stop=should_stop,
         peak_flops=peak_flops,
+        dist=dist,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lm import distributed
 from lm.checkpoint import (
     STEP_PREFIX,
     load_checkpoint,
@@ -30,6 +31,7 @@ from lm.checkpoint import (
 from lm.classification.examples import Examples, ExampleSampler
 from lm.classification.metrics import validation_loss
 from lm.config import TrainConfig
+from lm.distributed import DistContext
 from lm.evaluation import mean_loss
 
 MetricSink = Callable[[int, Mapping[str, float]], None]
@@ -121,9 +123,10 @@ class BatchSampler:
         self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # windows drawn so far
+        self.rows = slice(None)  # this process's rows of each batch (all, unless data-parallel)
 
     def _window(self, starts: list[int]) -> torch.Tensor:
-        window = np.stack([self.tokens[s : s + self.context_length + 1] for s in starts])
+        window = np.stack([self.tokens[s : s + self.context_length + 1] for s in starts[self.rows]])
         return torch.from_numpy(window.astype(np.int64))
 
     def next(self) -> tuple[torch.Tensor, bool]:
@@ -258,6 +261,7 @@ def train(
     before_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     peak_flops: float | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` steps; evaluate every ``cfg.eval_interval``.
 
@@ -275,15 +279,33 @@ def train(
     stay loadable. With ``cfg.early_stopping_patience`` the run ends after that many periodic
     evaluations without improvement, keeping the best weights. ``peak_flops`` (FLOP/s of this device
     at this precision) adds model FLOPs utilisation (``mfu``) to the reported metrics.
+
+    ``train_tokens`` and ``val_tokens`` are token arrays, or labelled ``Examples`` for a classifier.
+    With ``dist`` (one rank of a ``torchrun`` job, process group initialised) the rank trains its rows of
+    every global batch under DistributedDataParallel; rank 0 alone reports, validates and checkpoints
+    (see ``lm.distributed``).
     """
     device = resolve_device(cfg.device)
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    main = dist is None or dist.is_main
+    report = on_metrics if main else (lambda step, metrics: None)
     amp_dtype = resolve_precision(cfg.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     model.to(device).train()
     ctx = model.context_length
     sampler = make_sampler(train_tokens, cfg, ctx)
     optimizer = make_optimizer(model, cfg, device)
-    score = torch.compile(model.score) if cfg.compile else model.score
+    score = model.score
+    if dist is not None:
+        if sampler.batch_size % dist.world_size:
+            raise TrainingError(
+                f"train.batch_size ({sampler.batch_size}) must be divisible by the {dist.world_size} processes "
+                "so every rank reads an equal share of each global batch; change batch_size or nproc_per_node"
+            )
+        sampler.rows = dist.rows(sampler.batch_size)
+        score = distributed.wrap(model, dist, device)
+    score = torch.compile(score) if cfg.compile else score
     tokens_per_step = sampler.tokens_per_batch * cfg.grad_accumulation
     flops_per_token = model.flops_per_token() if peak_flops else None
     rates: list[float] = []
@@ -296,7 +318,11 @@ def train(
         state = load_checkpoint(resume_from, model)
         tensors = load_tensors(resume_from)
         restore_training_state(optimizer, sampler, tensors, state["training"])
+        if dist is not None and f"rng.torch.rank{dist.rank}" in tensors:  # each rank's own dropout stream
+            torch.set_rng_state(tensors[f"rng.torch.rank{dist.rank}"])
         carry = tensors_state(tensors, device)
+        if dist is not None and carry is not None:  # the checkpoint holds the whole batch's state: take our rows
+            carry = tuple(t[:, sampler.rows].contiguous() for t in carry)
         start, bad_steps = state["step"], state["training"].get("nonfinite_steps", 0)
         best = state["training"].get("best", best)
         best_dir = Path(resume_from).parent / "best"
@@ -304,19 +330,29 @@ def train(
             best_weights = {k: v.clone() for k, v in _weights_of(best_dir, model).items()}
 
     def checkpoint(step: int) -> None:
+        ranks_rng = distributed.gather_rng(device) if dist is not None else []  # collectives: every rank
+        whole_carry = distributed.gather_rows(carry, dist.world_size) if dist is not None else carry
+        if not main:
+            return
         if before_checkpoint is not None:
             before_checkpoint(step)
         tensors, meta = training_state(optimizer, sampler)
-        tensors |= state_tensors(carry)
+        tensors |= state_tensors(whole_carry) | {f"rng.torch.rank{k}": s for k, s in enumerate(ranks_rng)}
         meta |= {"nonfinite_steps": bad_steps, "best": best}
         state = {"step": step, "training": meta, **(checkpoint_state or {})}
         save_checkpoint(Path(checkpoint_dir) / f"{STEP_PREFIX}{step:08d}", model, state, tensors)
         prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
 
     def validate(step: int) -> float:
-        loss = validation_estimate(model, val_tokens, cfg, device, amp_dtype)
-        on_metrics(step, {"val_loss_estimate": loss})
+        loss = validation_estimate(model, val_tokens, cfg, device, amp_dtype) if main else 0.0
+        if dist is not None:  # rank 0's estimate decides early stopping on every rank
+            loss = distributed.broadcast(loss, device)
+        report(step, {"val_loss_estimate": loss})
         return loss
+
+    def stop_requested() -> bool:
+        wanted = should_stop is not None and should_stop()
+        return bool(distributed.broadcast(float(wanted), device)) if dist is not None else wanted
 
     done, stopped_early = start, False
     for step in range(start, cfg.max_steps):
@@ -325,14 +361,18 @@ def train(
             group["lr"] = lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
-        for _ in range(cfg.grad_accumulation):
+        for micro in range(cfg.grad_accumulation):
             window, continues = sampler.next()  # (B, T + 1)
-            with amp():
-                nll, count, new_state = score(window.to(device), carry if continues else None, sampler.generator)
-            loss = nll / count / cfg.grad_accumulation  # the model's own objective, averaged over micro-batches
-            loss.backward()
+            last = micro == cfg.grad_accumulation - 1
+            with score.no_sync() if dist is not None and not last else nullcontext():  # all-reduce once per step
+                with amp():
+                    nll, count, new_state = score(window.to(device), carry if continues else None, sampler.generator)
+                loss = nll / count / cfg.grad_accumulation  # the model's own objective, averaged over micro-batches
+                loss.backward()
             loss_value += loss.item()
             carry = detach_state(new_state)
+        if dist is not None:
+            loss_value = distributed.mean(loss_value, device)  # the global batch's loss, the same on every rank
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             bad_steps += 1  # skip the update: the weights stay at the last good values
@@ -359,14 +399,14 @@ def train(
             }
             if flops_per_token:
                 metrics["mfu"] = rate * flops_per_token / peak_flops
-            on_metrics(done, metrics)
+            report(done, metrics)
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             val_loss = validate(done)
             if val_loss < best["loss"]:
                 best = {"loss": val_loss, "step": done, "evals_since": 0}
                 if cfg.early_stopping_patience:
                     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if checkpoint_dir is not None:
+                    if checkpoint_dir is not None and main:
                         save_checkpoint(Path(checkpoint_dir) / "best", model, {"step": done, "val_loss": val_loss})
             else:
                 best["evals_since"] += 1
@@ -375,7 +415,7 @@ def train(
                 break
         if checkpoint_dir is not None and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0:
             checkpoint(done)
-        if should_stop is not None and should_stop() and done < cfg.max_steps:
+        if done < cfg.max_steps and stop_requested():
             if checkpoint_dir is not None:
                 checkpoint(done)
             raise TrainingInterrupted(
@@ -387,7 +427,7 @@ def train(
         val_loss = best["loss"]
     wall = time.perf_counter() - t0
     checkpoint = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and main:
         final = {"step": done, "val_loss_estimate": val_loss, "best_step": best["step"], **(checkpoint_state or {})}
         checkpoint = save_checkpoint(Path(checkpoint_dir) / "final", model, final)
         prune_checkpoints(checkpoint_dir, 0)  # finished: the resumable step checkpoints have served

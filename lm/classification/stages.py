@@ -125,6 +125,7 @@ def fit(
     before_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     peak_flops: float | None = None,
+    dist=None,
 ) -> dict:
     """Build the classifier (seeded), load the pretrained backbone, train and write ``out_dir/final``."""
     torch.manual_seed(train_cfg.seed)
@@ -164,6 +165,7 @@ def fit(
         before_checkpoint=before_checkpoint,
         should_stop=should_stop,
         peak_flops=peak_flops,
+        dist=dist,
     )
 
 

@@ -61,3 +61,14 @@ def store(prefect_harness, tmp_path_factory):
     finally:
         mlflow.set_tracking_uri(None)
         os.chdir(cwd)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """A test that points MLflow at its own store leaves the next test's URIs as they were."""
+    import mlflow
+
+    tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    yield
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)

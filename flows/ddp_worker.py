@@ -1,0 +1,66 @@
+"""One rank of a distributed train task: ``torchrun … -m flows.ddp_worker JOB.json``.
+
+The train task writes the job (the spec, the tokens or examples to read, the run directory, the MLflow
+run, the checkpoint to resume from) and launches ``torchrun`` with it. Every rank trains its share of
+each global batch; rank 0 alone reports metrics to the MLflow run, writes the checkpoints and, at the
+end, ``result.json`` — which the task reads back. ``@record`` makes torchrun report a failing rank's
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+
+@record
+def main(job_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from flows import tracking
+    from flows.config import validate_spec
+    from flows.resume import STOP
+    from flows.torchrun import fit_stage
+    from lm import distributed
+    from lm.atomic import atomic_write_bytes
+    from lm.training import resolve_device
+
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    spec = validate_spec(job["spec"])
+    ctx = distributed.from_environment()
+    device = resolve_device(spec.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(distributed.resolve_backend(spec.train.distributed.backend, device))
+    try:
+        tracking.configure_uri(job["tracking_uri"])
+        resume = Path(job["resume_from"]) if job["resume_from"] else None
+        hooks = {"dist": ctx, "peak_flops": job["peak_flops"], "resume_from": resume, "should_stop": STOP.requested}
+        with STOP.handling():  # SIGTERM from torchrun (a stop request): rank 0 checkpoints, every rank stops
+            if not ctx.is_main:
+                fit_stage(spec, job["tokens"], Path(job["out"]), on_metrics=lambda step, metrics: None, **hooks)
+                return
+            with tracking.MetricSink(job["run_id"], resuming=job["replaying"]) as sink:
+                on_start = None if resume else (lambda card: tracking.log_params(job["run_id"], card))
+                flush = lambda step: sink.flush()  # noqa: E731 — metrics up to a checkpoint are durable before it
+                result = fit_stage(
+                    spec,
+                    job["tokens"],
+                    Path(job["out"]),
+                    on_metrics=sink,
+                    on_start=on_start,
+                    before_checkpoint=flush,
+                    **hooks,
+                )
+        atomic_write_bytes(Path(job["out"]) / "result.json", json.dumps(result).encode())
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

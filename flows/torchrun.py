@@ -1,0 +1,149 @@
+"""Launch a train task's ranks with ``torchrun`` and turn its outcome into a result or a clear error.
+
+The command is an argument list (no shell): ``python -m torch.distributed.run --standalone
+--nproc-per-node N … -m flows.ddp_worker JOB.json`` on one host; with ``nnodes > 1`` a c10d rendezvous
+at ``master_addr:master_port`` that every host joins with the same command and its own ``--node-rank``.
+The ranks' output goes to ``<run dir>/torchrun.log``. A failed rank fails the task with that rank's
+number, exit code and error (torchrun's "root cause"); the checkpoints written before stay, so the next
+run — or a Prefect retry — resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lm.atomic import atomic_write_bytes
+from lm.errors import DataError
+from lm.training import TrainingError, TrainingInterrupted
+
+
+class RankFailed(RuntimeError):
+    """A rank of a distributed train task failed (a transient error: a retry resumes)."""
+
+
+def fit_stage(spec, tokens: dict, out: Path, **hooks) -> dict:
+    """The stage's ``fit`` for this spec — a language model, or a classifier (``tokens`` are then the encoded
+    examples, with the backbone to build and the initialising weights) — in this process."""
+    from pydantic import TypeAdapter
+
+    from lm import stages
+    from lm.config import ModelConfig
+
+    if spec.task == "classification":
+        from lm.classification import stages as classification
+
+        backbone = TypeAdapter(ModelConfig).validate_python(tokens["model"])
+        init = Path(tokens["init_weights"]) if tokens["init_weights"] else None
+        return classification.fit(tokens, backbone, spec.head, spec.train, out, init_weights=init, **hooks)
+    return stages.fit(tokens, spec.model, spec.train, out, **hooks)
+
+
+def command(cfg, job: Path, run_id: str) -> list[str]:
+    """The torchrun argument list for this host."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes),
+            "--nproc-per-node", str(cfg.nproc_per_node), "--max-restarts", "0"]  # fmt: skip
+    if cfg.nnodes == 1:
+        args += ["--standalone"]
+    else:
+        args += ["--node-rank", str(cfg.node_rank), "--rdzv-backend", "c10d", "--rdzv-id", run_id,
+                 "--rdzv-endpoint", f"{cfg.master_addr}:{cfg.master_port}"]  # fmt: skip
+    return args + ["-m", "flows.ddp_worker", str(job)]
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+
+
+def failures(log: str) -> list[dict[str, str]]:
+    """Every failed rank in torchrun's summary: rank, exitcode, traceback (the "Failures" and "Root Cause")."""
+    summary = log[log.rfind("Failures:") :] if "Failures:" in log else log[log.rfind("Root Cause") :]
+    entries = []
+    for block in re.split(r"^\[\d+\]:\s*$", summary, flags=re.MULTILINE)[1:]:
+        fields = dict(re.findall(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$", block, flags=re.MULTILINE))
+        if "rank" in fields:
+            fields["rank"] = fields["rank"].split()[0]
+            entries.append(fields)
+    return entries
+
+
+def culprit(entries: list[dict[str, str]], log: str) -> dict[str, str] | None:
+    """The rank that caused the failure: one killed by a signal other than torchrun's SIGTERM, else one
+    that raised an error other than losing its peers, else torchrun's first observed failure."""
+    for entry in entries:
+        code = entry.get("exitcode", "").split()[0] if entry.get("exitcode") else ""
+        if code.startswith("-") and code != "-15":
+            return entry
+    for entry in entries:
+        raised = _raised(entry["rank"], log)
+        if raised and not any(p in raised for p in PEER_LOST):
+            return entry
+    return entries[-1] if entries else None
+
+
+def _raised(rank: str, log: str) -> str:
+    lines = re.findall(rf"^\[rank{rank}\]: (\w+(?:\.\w+)*(?:Error|Exception): .*)$", log, flags=re.MULTILINE)
+    return lines[-1] if lines else ""
+
+
+def root_cause(log: str) -> str:
+    """The failing rank as one line: its number, exit code and error."""
+    entry = culprit(failures(log), log)
+    if entry is None:
+        tail = [line for line in log.strip().splitlines() if line.strip()][-5:]
+        return "torchrun failed: " + " | ".join(tail)
+    error = entry.get("traceback", "")
+    if error.startswith(("To enable traceback", "Traceback")):  # the error is in the rank's own output
+        error = ""
+    code = " ".join(entry.get("exitcode", "?").split())
+    killed = code.startswith("-") and error  # a signal: torchrun's line says which; the rank printed nothing
+    why = error if killed else (_raised(entry["rank"], log) or error or "see the log")
+    return f"rank {entry['rank']} failed (exit code {code}): {why}"
+
+
+def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
+    """Run the ranks to completion; rank 0's ``result.json``. Raises RankFailed, TrainingError or DataError."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)
+    job_path = out / "job.json"
+    atomic_write_bytes(job_path, json.dumps(job).encode())
+    args = command(spec.train.distributed, job_path, job["run_id"])
+    tmp = out / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    log.info("train: %d processes per node on %d node(s): %s", spec.train.distributed.nproc_per_node,
+             spec.train.distributed.nnodes, " ".join(args))  # fmt: skip
+    with open(out / "torchrun.log", "w") as sink:
+        proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if should_stop():  # forward the stop request: rank 0 checkpoints, every rank stops
+                        os.killpg(proc.pid, signal.SIGTERM)
+                        proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    text = (out / "torchrun.log").read_text(encoding="utf-8", errors="replace")
+    if proc.returncode == 0 and (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    if should_stop():
+        from lm.checkpoint import latest_checkpoint
+
+        checkpoint, _ = latest_checkpoint(out)
+        step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+        raise TrainingInterrupted(step, checkpoint)
+    cause = root_cause(text)
+    message = f"distributed training failed — {cause}; log: {out / 'torchrun.log'}. Checkpoints written before stay"
+    if "TrainingError" in cause:
+        raise TrainingError(message)
+    if "DataError" in cause:
+        raise DataError(message)
+    raise RankFailed(message + "; the next run (or a retry) resumes from the newest one")
