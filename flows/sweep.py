@@ -57,29 +57,22 @@ def task_runner(cfg: SweepConfig, workdir: Path):
 
 def _trial_name() -> str:
     p = flow_run.parameters
-    return f"{p['spec']['name'] if isinstance(p['spec'], dict) else p['spec'].name}-trial-{p['index']}"
+    return f"{p['spec']['name'] if isinstance(p['spec'], dict) else p['spec'].name}-trial-{p['job']['index']}"
 
 
 @flow(name="lm-trial", flow_run_name=_trial_name, validate_parameters=False)
-def lm_trial(
-    spec: PipelineSpec,
-    tokens: dict,
-    parent_run_id: str,
-    index: int,
-    values: dict,
-    workdir: str,
-    tracking_uri: str,
-    threads: int,
-) -> dict:
-    """Train and evaluate one trial into an MLflow child run of the sweep."""
+def lm_trial(spec: PipelineSpec, job: dict) -> dict:
+    """Train and evaluate one trial into an MLflow child run of the sweep. ``job``: index, values, tokens,
+    parent_run_id, workdir, tracking_uri, threads."""
     import torch
 
-    torch.set_num_threads(threads)  # the trials share the machine's cores
-    tracking.configure_uri(tracking_uri)
+    index, values, tokens, workdir = job["index"], job["values"], job["tokens"], job["workdir"]
+    torch.set_num_threads(job["threads"])  # the trials share the machine's cores
+    tracking.configure_uri(job["tracking_uri"])
     client = MlflowClient()
-    parent = client.get_run(parent_run_id)
+    parent = client.get_run(job["parent_run_id"])
     tags = {
-        "mlflow.parentRunId": parent_run_id,
+        "mlflow.parentRunId": job["parent_run_id"],
         "pipeline": spec.name,
         TRIAL_TAG: str(index),
         "lmp.sweep.values": json.dumps(values),
@@ -112,18 +105,9 @@ def lm_trial(
 
 
 @task(name="trial", cache_policy=tasks.OPTS["cache_policy"], persist_result=False)
-def trial(
-    spec: PipelineSpec,
-    tokens: dict,
-    parent_run_id: str,
-    index: int,
-    values: dict,
-    workdir: str,
-    tracking_uri: str,
-    threads: int,
-) -> dict:
+def trial(spec: PipelineSpec, job: dict) -> dict:
     """One trial on a Dask worker, as a child flow run."""
-    return lm_trial(spec, tokens, parent_run_id, index, values, workdir, tracking_uri, threads)
+    return lm_trial(spec, job)
 
 
 def rank(results: list[dict], metric: str, mode: str) -> list[dict]:
@@ -172,9 +156,14 @@ def lm_sweep(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = "
         tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
         threads = max(1, (os.cpu_count() or 1) // min(cfg.max_parallel, len(trials)))
         log.info("sweep: %d trials, %d at a time, ranked by %s (%s)", len(trials), cfg.max_parallel, metric, mode)
-        futures = [
-            trial.submit(s, tokens, parent, i, values, workdir, uri, threads) for i, (values, s) in enumerate(trials)
-        ]
+        common = {
+            "tokens": tokens,
+            "parent_run_id": parent,
+            "workdir": workdir,
+            "tracking_uri": uri,
+            "threads": threads,
+        }
+        futures = [trial.submit(s, common | {"index": i, "values": values}) for i, (values, s) in enumerate(trials)]
         results, failed = [], []
         for i, future in enumerate(futures):
             try:
