@@ -16,8 +16,10 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from flows import tracking
 from lm.atomic import atomic_write_bytes
 from lm.errors import DataError
 from lm.training import TrainingError, TrainingInterrupted
@@ -120,6 +122,7 @@ def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
     with open(out / "torchrun.log", "w") as sink:
         proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            shown, last_poll = -1, time.monotonic()
             while proc.poll() is None:
                 try:
                     proc.wait(timeout=0.5)
@@ -127,6 +130,8 @@ def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
                     if should_stop():  # forward the stop request: rank 0 checkpoints, every rank stops
                         os.killpg(proc.pid, signal.SIGTERM)
                         proc.wait()
+                    elif time.monotonic() - last_poll > 2.0:  # the progress bar follows rank 0's metrics
+                        shown, last_poll = tracking.relay(job["run_id"], shown), time.monotonic()
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -207,6 +207,20 @@ class MetricSink:
         self.flush()  # rows reported before a failure are kept too
 
 
+def relay(run_id: str, after_step: int, keys: tuple[str, ...] = ("train_loss", "tokens_per_second")) -> int:
+    """Show the in-process observers the newest metrics another process (a rank) logged to ``run_id`` past
+    ``after_step``; returns the newest step seen."""
+    if not _listeners:
+        return after_step
+    client = MlflowClient()
+    latest = {key: max(client.get_metric_history(run_id, key), key=lambda m: m.step, default=None) for key in keys}
+    step = max((m.step for m in latest.values() if m is not None), default=after_step)
+    if step > after_step:
+        for listener in list(_listeners):
+            listener(step, {k: m.value for k, m in latest.items() if m is not None and m.step == step})
+    return step
+
+
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
     """Let an in-process observer (a progress bar) see every metric the pipeline reports."""

@@ -151,3 +151,37 @@ def test_the_failing_rank_is_named_even_when_torchrun_blames_the_peer_that_lost_
 
     log = SUMMARY.format(second_rank=second_rank, second_code=second_code, second_traceback=second_traceback)
     assert root_cause(log).startswith(expected)
+
+
+def test_sigterm_stops_every_rank_at_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows import tracking
+
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(PIPELINE))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env["TMPDIR"] = str(tmp_path)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([LMP, "run"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((tmp_path / ".lmp" / "runs").glob("*/step-00000050/MANIFEST.json")):
+            break
+        time.sleep(0.02)  # polling for the checkpoint, bounded by the deadline
+    proc.send_signal(signal.SIGTERM)  # to the CLI only, as a service manager would
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert "stopped: training stopped on request after step" in " ".join((tmp_path / "first.log").read_text().split())
+
+    tracking.configure_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "KILLED"
+    stopped_at = max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert list((tmp_path / ".lmp" / "runs" / run.info.run_id).glob(f"step-{stopped_at:08d}/MANIFEST.json"))
+
+    second = subprocess.run([LMP, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    [again] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert again.info.status == "FINISHED" and again.data.tags["lmp.resumed_from_step"] == str(stopped_at)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 401))
