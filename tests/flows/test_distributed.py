@@ -45,6 +45,28 @@ def test_two_processes_match_one_process_and_log_one_run(store):
     assert run.data.metrics["val_loss"] == pytest.approx(single.data.metrics["val_loss"], abs=1e-3)
 
 
+def test_a_classifier_trains_distributed_like_one_process(store):
+    """smoke-genre (fine-tuned from models:/smoke@champion) in one process and in two, head dropout off so both
+    draw no random numbers: the same train_loss at every logged step (1e-4) and the same validation metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import lm_pipeline
+    from lm.classification.config import HeadConfig
+
+    genre = load_pipelines(ROOT / "pipelines.yaml").get("smoke-genre")
+    one = genre.model_copy(update={"name": "genre-one", "head": HeadConfig(pooling="mean", dropout=0.0)})
+    train = one.train.model_copy(update={"distributed": DistributedConfig(nproc_per_node=2)})
+    two = one.model_copy(update={"name": "genre-two", "train": train})
+    results = [lm_pipeline(spec, workdir=str(store / ".lmp")) for spec in (one, two)]
+    client = MlflowClient()
+    history = [{m.step: m.value for m in client.get_metric_history(r["run_id"], "train_loss")} for r in results]
+    assert sorted(history[0]) == sorted(history[1]) == [5, 10, 15, 20]
+    for step, value in history[0].items():
+        assert history[1][step] == pytest.approx(value, abs=1e-4), step
+    for key in ("val_macro_f1", "val_accuracy"):
+        assert results[1]["metrics"][key] == pytest.approx(results[0]["metrics"][key], abs=1e-6), key
+
+
 PIPELINE = {
     "default": "ddp",
     "pipelines": {
