@@ -96,7 +96,7 @@ class ScheduleConfig(Frozen):
         return self
 
 
-SWEEPABLE = ("model", "train", "eval")  # not data/tokenizer: every trial reuses one ingest and tokenize
+SWEEPABLE = ("model", "train", "eval", "head")  # not data/tokenizer: every trial reuses one ingest and tokenize
 
 
 class SweepConfig(Frozen):
@@ -309,8 +309,6 @@ class ClassifierSpec(_Spec):
                 f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
             )
         self._check_promote_metric("classification", "classification")
-        if self.sweep is not None:
-            raise ValueError("sweep: only language-model pipelines can be swept so far; remove `sweep:`")
         return self
 
     @property

@@ -24,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows import prefect_links, tasks, torchrun, tracking
-from flows.config import PipelineSpec, SweepConfig, validate_spec
+from flows import classify, classify_report, prefect_links, tasks, torchrun, tracking
+from flows.config import ClassifierSpec, PipelineSpec, SweepConfig, validate_spec
 from lm import stages
 from lm.config import flatten
 
@@ -81,7 +81,10 @@ def lm_trial(spec: PipelineSpec, job: dict) -> dict:
     run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}-trial-{index}", tags=tags)
     run_id = run.info.run_id
     try:
-        tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name", "sweep"}, exclude_none=True)))
+        params = flatten(spec.model_dump(mode="json", exclude={"name", "sweep"}, exclude_none=True))
+        if spec.task == "classification" and not spec.scratch:  # the backbone comes from the init model
+            params |= flatten({"model": tokens["model"]}) | {"tokenizer.kind": tokens["tokenizer_source"]}
+        tracking.log_params(run_id, params)
         with tracking.MetricSink(run_id) as sink:
             trained = torchrun.fit_stage(
                 spec,
@@ -90,8 +93,7 @@ def lm_trial(spec: PipelineSpec, job: dict) -> dict:
                 on_metrics=sink,
                 on_start=lambda card: tracking.log_params(run_id, card),
             )
-        evaluated = stages.evaluate(tokens, trained["checkpoint"], spec.model, spec.train, spec.eval)
-        tracking.log_evaluation(run_id, evaluated, step=trained["steps"])
+        evaluated = evaluate(spec, tokens, trained, run_id)
         tracking.log_metrics(
             run_id,
             {"wall_seconds": trained["wall_seconds"], "tokens_per_second": trained["tokens_per_second"]},
@@ -110,6 +112,40 @@ def trial(spec: PipelineSpec, job: dict) -> dict:
     return lm_trial(spec, job)
 
 
+def prepare(spec, workdir: str, base_dir: str) -> dict:
+    """The stages every trial shares, run once: ingest and tokenize (a classifier: also its init model)."""
+    if spec.task == "classification":
+        init = None if spec.scratch else classify.init_model(spec.init_from, workdir)
+        dataset = classify.ingest(spec, workdir, base_dir)
+        return {"data": dataset, "tokens": classify.tokenize(dataset, spec, init, workdir), "init": init}
+    corpus = tasks.ingest(spec.data, workdir, base_dir, spec.model.context_length)
+    return {"data": corpus, "tokens": tasks.tokenize(corpus, spec.tokenizer, workdir, spec.model.context_length)}
+
+
+def evaluate(spec, tokens: dict, trained: dict, run_id: str) -> dict:
+    """A trial's evaluation, logged to its run."""
+    if spec.task == "classification":
+        from lm.classification import stages as classification
+
+        result = classification.evaluate(
+            tokens, trained["checkpoint"], classify.backbone(tokens), spec.head, spec.train
+        )
+        tracking.log_metrics(run_id, result["metrics"], step=trained["steps"])
+        classify_report.log_evaluation(run_id, result)
+        return result
+    result = stages.evaluate(tokens, trained["checkpoint"], spec.model, spec.train, spec.eval)
+    tracking.log_evaluation(run_id, result, step=trained["steps"])
+    return result
+
+
+def register(spec, shared: dict, best: dict, workdir: str) -> dict:
+    """Register the best trial's model (logged into its run) and run the gate."""
+    data, tokens, trained, evaluated = shared["data"], shared["tokens"], best["trained"], best["evaluated"]
+    if spec.task == "classification":
+        return classify.register(data, tokens, trained, evaluated, shared["init"], spec, best["run_id"], workdir)
+    return tasks.register(data, tokens, trained, evaluated, spec, best["run_id"], workdir)
+
+
 def rank(results: list[dict], metric: str, mode: str) -> list[dict]:
     """Finished trials best first (NaN last)."""
 
@@ -126,7 +162,7 @@ def _sweep_name() -> str:
 
 
 @flow(name="lm-sweep", flow_run_name=_sweep_name, validate_parameters=False)
-def lm_sweep(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = ".") -> dict:
+def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".") -> dict:
     """Run the pipeline's sweep: shared ingest/tokenize, trials on the task runner, the best registered."""
     spec = validate_spec(spec)
     cfg = spec.sweep
@@ -151,9 +187,8 @@ def lm_sweep(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = "
                 "sweep.max_parallel": cfg.max_parallel,
             },
         )
-        context = spec.model.context_length
-        corpus = tasks.ingest(spec.data, workdir, base_dir, context)
-        tokens = tasks.tokenize(corpus, spec.tokenizer, workdir, context)
+        shared = prepare(spec, workdir, base_dir)
+        tokens = shared["tokens"]
         threads = max(1, (os.cpu_count() or 1) // min(cfg.max_parallel, len(trials)))
         log.info("sweep: %d trials, %d at a time, ranked by %s (%s)", len(trials), cfg.max_parallel, metric, mode)
         common = {
@@ -190,13 +225,11 @@ def lm_sweep(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = "
                 "lmp.sweep.best_run_id": best["run_id"],
                 "lmp.sweep.best_trial": str(best["index"]),
                 "lmp.sweep.best_values": json.dumps(best["values"]),
-                "data_digest": corpus["digest"],
+                "data_digest": shared["data"]["digest"],
                 "tokenizer_digest": tokens["tokenizer_digest"],
             },
         )
-        registered = tasks.register(
-            corpus, tokens, best["trained"], best["evaluated"], best_spec, best["run_id"], workdir
-        )
+        registered = register(best_spec, shared, best, workdir)
         tracking.set_tags(parent, {"lmp.registered_version": str(registered["version"])})
         prefect_links.link_mlflow_run(spec.name, parent)
         log.info("sweep: best trial %d %s; registered %s", best["index"], best["values"], registered["uri"])
@@ -214,7 +247,7 @@ def lm_sweep(spec: PipelineSpec | dict, workdir: str = ".lmp", base_dir: str = "
         ],
         "failed": failed,
         "registered": registered,
-        "stages": {"ingest": corpus["cached"], "tokenize": tokens["cached"]},
+        "stages": {"ingest": shared["data"]["cached"], "tokenize": tokens["cached"]},
     }
 
 

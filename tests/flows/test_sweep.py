@@ -69,7 +69,7 @@ def test_a_four_trial_sweep_on_a_local_dask_cluster(prefect_harness, tmp_path):
 def test_sweep_settings_are_checked_once():
     base = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["pipelines"]["smoke"]
     for sweep, problem in (
-        ({"parameters": {"data.max_chars": [1000]}}, "only model.*, train.*, eval.* keys can vary"),
+        ({"parameters": {"data.max_chars": [1000]}}, "only model.*, train.*, eval.*, head.* keys can vary"),
         ({"parameters": {"model.num_heads": [3]}}, "sweep.parameters make an invalid pipeline"),
         ({"method": "random", "parameters": {"train.seed": [1, 2]}}, "sweep.trials is required"),
     ):
@@ -80,3 +80,35 @@ def test_sweep_settings_are_checked_once():
             assert problem in str(e), str(e)
         else:
             raise AssertionError(f"{sweep} was accepted")
+
+
+def test_a_classifier_sweep_fine_tunes_every_trial_from_one_init_model(prefect_harness, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows import tracking
+
+    shipped = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["pipelines"]
+    genre = shipped["smoke-genre"] | {"sweep": {"parameters": {"head.pooling": ["mean", "last"]}, "max_parallel": 2}}
+    text = yaml.safe_dump({"default": "smoke", "pipelines": {"smoke": shipped["smoke"], "smoke-genre": genre}})
+    (tmp_path / "pipelines.yaml").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env |= {"TMPDIR": str(tmp_path)}
+    for args in (["run", "smoke"], ["sweep", "smoke-genre"]):
+        done = subprocess.run([LMP, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ranking by val_macro_f1 (max)" in done.stdout
+
+    tracking.configure_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("smoke-genre").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("lmp.sweep.parent") == "true"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(t.data.params["head.pooling"] for t in trials) == ["last", "mean"]
+    assert all(t.data.params["model.kind"] == "gpt" for t in trials)  # the init model's backbone
+    best = max(t.data.metrics["val_macro_f1"] for t in trials)
+    version = client.get_model_version_by_alias("smoke-genre", "champion")
+    assert (
+        version.run_id == parent.data.tags["lmp.sweep.best_run_id"]
+        and version.tags["lmp.init_model"] == "models:/smoke/1"
+    )
+    assert client.get_run(version.run_id).data.metrics["val_macro_f1"] == best
