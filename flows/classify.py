@@ -112,12 +112,7 @@ def evaluate(encoded: dict, trained: dict, spec: ClassifierSpec, run_id: str) ->
     return result
 
 
-def backbone(encoded: dict):
-    from pydantic import TypeAdapter
-
-    from lm.config import ModelConfig
-
-    return TypeAdapter(ModelConfig).validate_python(encoded["model"])
+backbone = stages.backbone_config
 
 
 def lineage_tags(init: dict | None) -> dict[str, str]:
@@ -142,30 +137,15 @@ def register(
     )
     tags = {
         "task": "classification",
-        "data_digest": encoded["data_digest"],
-        "tokenizer_digest": encoded["tokenizer_digest"],
-        "config_digest": spec.digest(),
-        "git_commit": registry.git_commit(),
         "labels": json.dumps(encoded["labels"]),
         **lineage_tags(init),
         **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items() if "_precision_" not in k and "_recall_" not in k},
     }
-    evaluate_champion = registry.champion_evaluator(spec, Path(dataset["path"]), Path(workdir) / "runs" / run_id)
-    result = registry.log_and_register(
-        run_id,
-        spec.name,
-        files,
-        tags,
-        evaluated["samples"][0]["text"] if evaluated["samples"] else "text",
-        promote=spec.promote,
-        objective="classification",
-        labels=encoded["labels"],
-        evaluate_champion=evaluate_champion,
-    )
-    if result["decision"]:
-        verdict = "promoted to @champion" if result["decision"]["promoted"] else "stays @challenger"
-        get_run_logger().info("gate: version %s %s — %s", result["version"], verdict, result["decision"]["reason"])
-    return result
+    example = evaluated["samples"][0]["text"] if evaluated["samples"] else "text"
+    return tasks.register_model(
+        spec, run_id, files, encoded, tags, example, Path(dataset["path"]), workdir,
+        objective="classification", labels=encoded["labels"],
+    )  # fmt: skip
 
 
 @task(name="report", **OPTS)

@@ -142,32 +142,35 @@ def register(
     corpus: dict, tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str, workdir: str
 ) -> dict:
     """Register the model (@challenger) and run the promotion gate against @champion on this run's data."""
-    log = get_run_logger()
     files = stages.export_model(
         trained["checkpoint"], tokens, spec.model, spec.eval, Path(workdir) / "runs" / run_id / "export"
     )
+    metrics = {k: f"{v:.6g}" for k, v in evaluated["metrics"].items()}
+    return register_model(
+        spec, run_id, files, tokens, metrics, spec.eval.prompt, Path(corpus["path"]), workdir,
+        objective=trained["objective"], width=trained["feature_dim"],
+    )  # fmt: skip
+
+
+def register_model(spec, run_id: str, files: dict, tokens: dict, tags: dict, example: str, data_path: Path,
+                   workdir: str, **package) -> dict:  # fmt: skip
+    """Log and register a run's package (``package``: how it is served — objective, width, labels) with the
+    provenance tags every version carries, run the gate with the champion re-evaluated on ``data_path`` when
+    the data differ, and log the verdict."""
     tags = {
         "data_digest": tokens["data_digest"],
         "tokenizer_digest": tokens["tokenizer_digest"],
         "config_digest": spec.digest(),
         "git_commit": registry.git_commit(),
-        **{k: f"{v:.6g}" for k, v in evaluated["metrics"].items()},
+        **tags,
     }
-    evaluate_champion = registry.champion_evaluator(spec, Path(corpus["path"]), Path(workdir) / "runs" / run_id)
+    evaluate_champion = registry.champion_evaluator(spec, data_path, Path(workdir) / "runs" / run_id)
     result = registry.log_and_register(
-        run_id,
-        spec.name,
-        files,
-        tags,
-        spec.eval.prompt,
-        promote=spec.promote,
-        objective=trained["objective"],
-        width=trained["feature_dim"],
-        evaluate_champion=evaluate_champion,
+        run_id, spec.name, files, tags, example, promote=spec.promote, evaluate_champion=evaluate_champion, **package
     )
     if result["decision"]:
         verdict = "promoted to @champion" if result["decision"]["promoted"] else "stays @challenger"
-        log.info("gate: version %s %s — %s", result["version"], verdict, result["decision"]["reason"])
+        get_run_logger().info("gate: version %s %s — %s", result["version"], verdict, result["decision"]["reason"])
     return result
 
 

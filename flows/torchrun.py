@@ -32,15 +32,12 @@ class RankFailed(RuntimeError):
 def fit_stage(spec, tokens: dict, out: Path, **hooks) -> dict:
     """The stage's ``fit`` for this spec — a language model, or a classifier (``tokens`` are then the encoded
     examples, with the backbone to build and the initialising weights) — in this process."""
-    from pydantic import TypeAdapter
-
     from lm import stages
-    from lm.config import ModelConfig
 
     if spec.task == "classification":
         from lm.classification import stages as classification
 
-        backbone = TypeAdapter(ModelConfig).validate_python(tokens["model"])
+        backbone = classification.backbone_config(tokens)
         init = Path(tokens["init_weights"]) if tokens["init_weights"] else None
         return classification.fit(tokens, backbone, spec.head, spec.train, out, init_weights=init, **hooks)
     return stages.fit(tokens, spec.model, spec.train, out, **hooks)

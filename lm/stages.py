@@ -24,7 +24,7 @@ from lm.generation import generate
 from lm.models import build_model
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
 from lm.tokenizers import load_tokenizer
-from lm.training import MetricSink, resolve_device, resolve_precision, train
+from lm.training import resolve_device, resolve_precision, train
 
 
 def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) -> dict:
@@ -62,17 +62,14 @@ def fit(
     train_cfg: TrainConfig,
     out_dir: Path,
     *,
-    on_metrics: MetricSink,
     on_start: Callable[[dict], None] | None = None,
-    resume_from: Path | None = None,
-    before_checkpoint: Callable[[int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    peak_flops: float | None = None,
-    dist=None,
+    **hooks,
 ) -> dict:
     """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``.
 
-    A resume whose checkpoint was made with another model, tokenizer or corpus is refused, naming them.
+    ``on_start(card)`` sees the model's sizes before training; ``hooks`` are ``train``'s keyword arguments
+    (``on_metrics``, ``resume_from``, ``should_stop``, ``peak_flops``, ``dist`` …). A resume whose checkpoint
+    was made with another model, tokenizer or corpus is refused, naming them.
     """
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, tokens["vocab_size"])
@@ -96,12 +93,7 @@ def fit(
         train_cfg,
         Path(out_dir),
         state,
-        on_metrics=on_metrics,
-        resume_from=resume_from,
-        before_checkpoint=before_checkpoint,
-        should_stop=should_stop,
-        peak_flops=peak_flops,
-        dist=dist,
+        **hooks,
     )
 
 

@@ -28,7 +28,7 @@ from lm.config import ModelConfig, TokenizerConfig, TrainConfig
 from lm.errors import DataError
 from lm.stages import model_card, run_training
 from lm.tokenizers import load_tokenizer, tokenizer_digest, train_tokenizer
-from lm.training import MetricSink, resolve_device, resolve_precision
+from lm.training import resolve_device, resolve_precision
 from lm.versions import code_digest
 
 SPLITS = ("train", "val", "test")
@@ -39,10 +39,18 @@ def prepare(cfg: LabelledData, root: Path, *, base_dir: Path) -> dict:
     return build_dataset(cfg, Path(root), base_dir=Path(base_dir))
 
 
+MODEL_CONFIG = TypeAdapter(ModelConfig)
+
+
 def read_package_config(path: Path) -> tuple[ModelConfig, dict]:
     """A packaged model's architecture and its whole config.json."""
     config = json.loads(Path(path).read_text(encoding="utf-8"))
-    return TypeAdapter(ModelConfig).validate_python(config["model"]), config
+    return MODEL_CONFIG.validate_python(config["model"]), config
+
+
+def backbone_config(encoded: dict) -> ModelConfig:
+    """The backbone the encode stage's result names (the init model's architecture, or the scratch one)."""
+    return MODEL_CONFIG.validate_python(encoded["model"])
 
 
 def encode(dataset: dict, tokenizer: TokenizerConfig | Path, root: Path, *, max_tokens: int) -> dict:
@@ -119,15 +127,11 @@ def fit(
     out_dir: Path,
     *,
     init_weights: Path | None,
-    on_metrics: MetricSink,
     on_start: Callable[[dict], None] | None = None,
-    resume_from: Path | None = None,
-    before_checkpoint: Callable[[int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    peak_flops: float | None = None,
-    dist=None,
+    **hooks,
 ) -> dict:
-    """Build the classifier (seeded), load the pretrained backbone, train and write ``out_dir/final``."""
+    """Build the classifier (seeded), load the pretrained backbone, train and write ``out_dir/final``
+    (``on_start`` and ``hooks`` as for ``lm.stages.fit``)."""
     torch.manual_seed(train_cfg.seed)
     labels = encoded["labels"]
     weights = resolve_class_weights(head.class_weights, labels, encoded["class_counts"]["train"])
@@ -160,12 +164,7 @@ def fit(
         train_cfg,
         Path(out_dir),
         state,
-        on_metrics=on_metrics,
-        resume_from=resume_from,
-        before_checkpoint=before_checkpoint,
-        should_stop=should_stop,
-        peak_flops=peak_flops,
-        dist=dist,
+        **hooks,
     )
 
 
