@@ -1,7 +1,9 @@
 """The pipelines.yaml schema and ``load_pipelines`` — the one place YAML is read.
 
 An invalid file raises one ``ConfigError`` listing every problem by its YAML path, e.g.
-``pipelines.smoke.model.num_layers: Input should be greater than 0``.
+``pipelines.smoke.model.num_layers: Input should be greater than 0``. YAML is read with ``yaml.safe_load``
+semantics through a bounded loader: alias count, values after alias expansion and nesting depth are capped
+before anything is built, so a few hundred bytes of nested anchors cannot expand into gigabytes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from lm.config import (
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_FILE_BYTES = 1 << 20
+# Far above any real pipelines file (the shipped one: 21 aliases, 791 values, 7 levels), far below harm.
+MAX_ALIASES = 1_000
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
 
 
 class ConfigError(ValueError):
@@ -64,6 +70,26 @@ class PromoteConfig(Frozen):
     """Run the gate after every registration (otherwise only `lmp promote` moves @champion)."""
 
 
+Scalar = str | int | float | bool | None
+Override = Scalar | list[Scalar]
+
+
+def _plain(value: object, section: str, *, lists: bool) -> object:
+    """Override values are plain values (not nested mappings or lists): one clear error naming the key."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            items = v if lists and isinstance(v, list) else [v]
+            nested = next((item for item in items if isinstance(item, dict | list)), None)
+            if nested is not None:
+                what = "a mapping" if isinstance(nested, dict) else "a nested list"
+                also = " or a list of those" if lists else ""
+                raise ValueError(
+                    f"{section}.parameters {key!r}: {what} is not a plain value (a string, number, boolean or "
+                    f"null{also}); set each leaf by its dotted key, e.g. 'train.max_steps'"
+                )
+    return value
+
+
 CRON_FIELD = re.compile(r"^[\w*/,\-?LW#]+$")
 
 
@@ -76,10 +102,16 @@ class ScheduleConfig(Frozen):
     """Seconds between runs (instead of `cron`)."""
     timezone: str = "UTC"
     """IANA time zone the cron expression is read in."""
-    parameters: dict[str, Any] = {}
-    """Config overrides for scheduled runs, by dotted key, e.g. {"train.max_steps": 300}."""
+    parameters: dict[str, Override] = {}
+    """Config overrides for scheduled runs, by dotted key, e.g. {"train.max_steps": 300}: plain values
+    (a string, number, boolean or null, or a list of those)."""
     active: bool = True
     """False keeps the deployment but pauses its schedule."""
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _plain_values(cls, value: object) -> object:
+        return _plain(value, "schedule", lists=True)
 
     @model_validator(mode="after")
     def _one_trigger(self) -> ScheduleConfig:
@@ -104,7 +136,7 @@ class SweepConfig(Frozen):
 
     method: Literal["grid", "random"] = "grid"
     """`grid`: every combination of the values; `random`: `trials` seeded draws, one value per key."""
-    parameters: dict[str, list[Any]] = Field(min_length=1)
+    parameters: dict[str, list[Scalar]] = Field(min_length=1)
     """Dotted config keys and their candidate values, e.g. {"train.learning_rate": [0.001, 0.003]}."""
     trials: int | None = Field(default=None, gt=0)
     """Random search: how many trials (required there; a grid has one per combination)."""
@@ -115,6 +147,15 @@ class SweepConfig(Frozen):
     """An existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (its workers need this project installed)."""
     metric: str | None = None
     """What ranks the trials (default: `promote.metric`, in `promote.mode`)."""
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _plain_values(cls, value: object) -> object:
+        if isinstance(value, dict):
+            for key, candidates in value.items():
+                if isinstance(candidates, list):
+                    _plain({f"{key}[{i}]": c for i, c in enumerate(candidates)}, "sweep", lists=False)
+        return value
 
     @model_validator(mode="after")
     def _well_formed(self) -> SweepConfig:
@@ -372,6 +413,80 @@ class PipelinesFile(Frozen):
         return self.pipelines[key]
 
 
+# ---------------------------------------------------------------- the bounded YAML loader
+
+
+class YamlLimitError(ValueError):
+    """The YAML text exceeds a loader limit; the message names the limit and where (path and/or line)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts aliases and nesting depth while composing the node graph."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                line = self.peek_event().start_mark.line + 1
+                raise YamlLimitError(f"line {line}: more than {MAX_ALIASES} YAML aliases (*name); share less")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise YamlLimitError(f"line {line}: YAML nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node, path: str, depth: int, seen: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, levels) ``node`` stands for once every alias is expanded, found without expanding anything:
+    an anchored node is one object in the composed graph, shared by its aliases, so ``seen`` memoises it by id."""
+    size, height = seen.get(id(node), (1, 1))
+    if depth + height > MAX_DEPTH:  # an alias nests its anchor's levels where it stands; a cycle never ends
+        raise YamlLimitError(
+            f"{path or '(top level)'} (line {node.start_mark.line + 1}): YAML nested deeper than {MAX_DEPTH} "
+            "levels once aliases are expanded"
+        )
+    if id(node) in seen:
+        return size, height
+    children: list[tuple[yaml.Node, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            where = f"{path}.{key.value}".lstrip(".") if isinstance(key, yaml.ScalarNode) else path
+            children += [(key, where), (value, where)]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+    for child, where in children:
+        child_size, child_height = _expanded_size(child, where, depth + 1, seen)
+        size, height = size + child_size, max(height, child_height + 1)
+        if size > MAX_VALUES:
+            raise YamlLimitError(
+                f"{path or '(top level)'} (line {node.start_mark.line + 1}): YAML aliases expand to more than "
+                f"{MAX_VALUES} values; anchors are for sharing settings, not multiplying them"
+            )
+    seen[id(node)] = (size, height)
+    return size, height
+
+
+def load_yaml(text: str) -> object:
+    """``yaml.safe_load(text)`` within the loader limits; YamlLimitError (or yaml.YAMLError) otherwise."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, "", 0, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _tags(annotated: object) -> set[str]:
     """The tag values of a discriminated union such as ModelConfig ({"gpt", "lstm", ...})."""
     union, field = get_args(annotated)
@@ -400,7 +515,9 @@ def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise ConfigError(source, [f"file is larger than {MAX_FILE_BYTES} bytes"])
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
+    except YamlLimitError as e:
+        raise ConfigError(source, [str(e)]) from None
     except yaml.YAMLError as e:
         raise ConfigError(source, [f"not valid YAML: {e}".replace("\n", " ")]) from None
     if not isinstance(raw, dict):

@@ -169,3 +169,132 @@ def test_the_promotion_metric_must_be_one_the_model_reports():
         {"model": {"kind": "encoder"}, "promote": {"metric": "val_bpc"}}
     )
     assert _one({"model": {"kind": "encoder"}}) == ""  # defaults to val_mlm_loss
+
+
+# ---------------------------------------------------------------- bounded YAML (issue 13, item 2)
+
+# 593 bytes: ten anchor levels, each nine aliases of the one before: 9**10 ≈ 3.5e9 values once expanded.
+BOMB = """default: ab
+pipelines:
+  ab:
+    schedule:
+      interval: 3600
+      parameters:
+        p0: &a [x, x, x, x, x, x, x, x, x]
+        p1: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+        p2: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+        p3: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+        p4: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+        p5: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+        p6: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+        p7: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+        p8: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+        p9: &j [*i, *i, *i, *i, *i, *i, *i, *i, *i]
+"""
+BOMBS = {
+    "schedule.parameters": BOMB,
+    "sweep.parameters": BOMB.replace("    schedule:\n      interval: 3600\n", "    sweep:\n"),
+    "a typed key (eval.prompts)": BOMB.replace(
+        "    schedule:\n      interval: 3600\n      parameters:", "    eval:\n      prompts:"
+    ),
+}
+AS_LIMIT = 512 << 20
+# The child times the load itself: interpreter start-up is not what the limit is about.
+TIMED_LOAD = """
+import sys, time
+from flows.config import ConfigError, load_pipelines
+start = time.perf_counter()
+try:
+    load_pipelines(sys.argv[1])
+except ConfigError as e:
+    print(f"elapsed {time.perf_counter() - start:.3f}")
+    print(e)
+    sys.exit(2)
+print(f"elapsed {time.perf_counter() - start:.3f}")
+"""
+
+
+def _under_512mb(args: list[str], cwd: Path):
+    import resource
+    import subprocess
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+    return subprocess.run(args, cwd=cwd, preexec_fn=limit, capture_output=True, text=True, timeout=60)
+
+
+def test_the_593_byte_alias_bomb_is_593_bytes():
+    assert len(BOMB.encode()) == 593
+
+
+@pytest.mark.parametrize("where", sorted(BOMBS))
+def test_an_alias_bomb_is_refused_in_under_a_second_within_512mb(tmp_path, where):
+    import sys
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMBS[where])
+    done = _under_512mb([sys.executable, "-c", TIMED_LOAD, str(bomb)], ROOT)
+    assert done.returncode == 2, done.stdout + done.stderr
+    elapsed = float(done.stdout.split()[1])
+    assert elapsed < 1.0, done.stdout
+    assert "aliases expand to more than 100000 values" in done.stdout
+    assert "pipelines.ab." in done.stdout and "(line " in done.stdout
+
+
+def test_lmp_list_refuses_the_bomb_with_exit_2_within_512mb(tmp_path):
+    import shutil
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    done = _under_512mb([shutil.which("lmp"), "list", "--config", str(bomb)], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "aliases expand to more than 100000 values" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_too_many_aliases_and_too_deep_nesting_are_refused_by_line():
+    many = (
+        "default: a\npipelines:\n  a:\n    description: &d x\n    eval:\n      prompts: ["
+        + ", ".join(["*d"] * 1001)
+        + "]\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 6: more than 1000 YAML aliases"):
+        parse_pipelines(many)
+    deep = "default: a\npipelines:\n  a:\n    eval:\n      prompts: " + "[" * 60 + "]" * 60 + "\n"
+    with pytest.raises(ConfigError, match=r"line 5: YAML nested deeper than 50 levels"):
+        parse_pipelines(deep)
+
+
+def test_a_recursive_anchor_is_refused():
+    with pytest.raises(ConfigError, match="nested deeper than 50 levels"):
+        parse_pipelines("default: a\npipelines:\n  a:\n    eval: &e {prompts: *e}\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "problem"),
+    [
+        ("schedule", {"interval": 60, "parameters": {"train.max_steps": {"a": 1}}}, "'train.max_steps': a mapping"),
+        ("schedule", {"interval": 60, "parameters": {"eval.prompts": [["a"]]}}, "'eval.prompts': a nested list"),
+        ("sweep", {"parameters": {"train.learning_rate": [[0.1]]}}, "'train.learning_rate[0]': a nested list"),
+        ("sweep", {"parameters": {"train.learning_rate": [{"a": 1}]}}, "'train.learning_rate[0]': a mapping"),
+    ],
+)
+def test_override_values_are_plain_values_not_nested_structures(section, value, problem):
+    message = _one({section: value})
+    assert f"pipelines.a.{section}.parameters: Value error" in message, message
+    assert f"{section}.parameters {problem} is not a plain value" in message, message
+
+
+def test_a_list_override_and_scalar_types_survive():
+    spec = parse_pipelines(
+        yaml.safe_dump(
+            {
+                "default": "a",
+                "pipelines": {
+                    "a": {"schedule": {"interval": 60, "parameters": {"eval.prompts": ["x", "y"], "train.seed": 3}}}
+                },
+            }
+        )
+    ).get("a")
+    assert spec.scheduled().eval.prompts == ("x", "y") and spec.scheduled().train.seed == 3
+    assert spec.schedule.parameters["train.seed"] == 3 and type(spec.schedule.parameters["train.seed"]) is int
