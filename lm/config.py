@@ -119,6 +119,8 @@ class HubData(_DataBase):
     """Which split of the dataset to read; our own train/validation split is `split:`."""
     text_column: str = "text"
     revision: str | None = None
+    allow_outside: bool = False
+    """Allow a local dataset folder outside the directory `lmp` runs in (absolute, `..`, symlinks)."""
 
 
 DataConfig = Annotated[BuiltinData | FilesData | HubData, Field(discriminator="source")]

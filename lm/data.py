@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lm import sources
-from lm.atomic import atomic_dir, atomic_write_bytes
+from lm.atomic import atomic_dir, atomic_write_bytes, build_once
 from lm.config import CleanConfig, DataConfig, SplitConfig
 from lm.corpora.shakespeare import Document
 from lm.errors import DataError
@@ -156,8 +156,18 @@ def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int 
     root = Path(root)
     inputs = ingest_inputs(cfg, base_dir)
     key = inputs_key(inputs)
-    if (hit := cached_corpus(root, key)) is not None:
-        return hit, {"cached": True, "key": key, "inputs": inputs}
+
+    def found() -> tuple[Corpus, dict] | None:
+        hit = cached_corpus(root, key)
+        return None if hit is None else (hit, {"cached": True, "key": key, "inputs": inputs})
+
+    return build_once(root, key, found, lambda: _build(cfg, root, key, inputs, base_dir=base_dir, min_chars=min_chars))
+
+
+def _build(
+    cfg: DataConfig, root: Path, key: str, inputs: dict, *, base_dir: Path, min_chars: int
+) -> tuple[Corpus, dict]:
+    """``build_corpus`` after a cache miss, holding the key's lock."""
     docs, load_report = sources.load(cfg, Path(base_dir), root / "cache")
     name = sources.describe(cfg)
     if not docs:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm.atomic import atomic_dir, atomic_write_bytes
+from lm.atomic import atomic_dir, atomic_write_bytes, build_once
 from lm.config import TokenizerConfig
 from lm.errors import DataError
 from lm.tokenizers import encode_array, load_tokenizer, tokenizer_digest, train_tokenizer
@@ -71,8 +71,18 @@ def tokenize_corpus(
     """
     inputs = tokenize_inputs(data_digest, cfg)
     key = inputs_key(inputs)
-    if (hit := cached_tokens(root, key)) is not None:
-        return hit | {"inputs": inputs}
+
+    def found() -> dict | None:
+        hit = cached_tokens(root, key)
+        return None if hit is None else hit | {"inputs": inputs}
+
+    return build_once(root, key, found, lambda: _build(corpus_dir, data_digest, cfg, root, key, inputs, min_tokens))
+
+
+def _build(
+    corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, root: Path, key: str, inputs: dict, min_tokens: int
+) -> dict:
+    """``tokenize_corpus`` after a cache miss, holding the key's lock."""
     texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(Path(corpus_dir).glob("*.txt"))}
     tok = train_tokenizer(cfg, texts["train"])
     ids = {split: encode_array(tok, text) for split, text in texts.items()}

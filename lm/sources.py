@@ -7,6 +7,7 @@ Paths are resolved against an explicit ``base_dir``; nothing here reads the envi
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -23,6 +24,14 @@ from lm.errors import DataError
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown"}
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 SNIFF_BYTES = 8192
+# Longest first: the UTF-32-LE BOM begins with the UTF-16-LE one.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 class SourceError(DataError):
@@ -49,7 +58,36 @@ def fingerprint(cfg: DataConfig, base_dir: Path) -> dict:
         case FilesData():
             return {"files": _digest_files(resolve_files(cfg, base_dir), Path(base_dir))}
         case HubData():
-            return {"dataset": cfg.dataset, "config": cfg.config, "split": cfg.data_split, "revision": cfg.revision}
+            spec = {"dataset": cfg.dataset, "config": cfg.config, "split": cfg.data_split, "revision": cfg.revision}
+            return spec | hub_files(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
+
+
+def hub_files(dataset: str, base_dir: Path, *, allow_outside: bool) -> dict:
+    """A local dataset folder's file digests (so an edited folder is read again); nothing for a hub name."""
+    local = local_dataset(dataset, base_dir, allow_outside=allow_outside)
+    if local is None:
+        return {}
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    return {"files": _digest_files(files, Path(base_dir))}
+
+
+def local_dataset(dataset: str, base_dir: Path, *, allow_outside: bool, key: str = "data.dataset") -> Path | None:
+    """The local folder (or file) ``dataset`` names, resolved against ``base_dir``; None for a hub name.
+
+    A name such as ``user/corpus`` is not a path unless such a folder exists; an absolute path, ``~``,
+    ``./`` or ``../``, or an existing folder is, and it must stay inside ``base_dir`` (symlinks followed)
+    unless ``allow_outside`` — the same boundary as ``files`` paths.
+    """
+    base = Path(base_dir)
+    path = Path(dataset).expanduser()
+    target = path if path.is_absolute() else base / path
+    if not (dataset.startswith(("/", "~", ".")) or target.exists()):
+        return None
+    if not allow_outside and not target.resolve().is_relative_to(base.resolve()):
+        raise SourceError(
+            f"{key} {dataset!r} resolves outside the project ({base}); move the dataset in or set allow_outside: true"
+        )
+    return target
 
 
 def _digest_files(files: list[Path], root: Path) -> dict[str, str]:
@@ -76,7 +114,7 @@ def load(cfg: DataConfig, base_dir: Path, cache_dir: Path) -> tuple[list[Documen
         case FilesData():
             docs = [d for path in resolve_files(cfg, base_dir) for d in _load_file(path, cfg, Path(cache_dir), report)]
         case HubData():
-            docs = _load_hub(cfg, Path(cache_dir))
+            docs = _load_hub(cfg, Path(base_dir), Path(cache_dir))
     return docs, report
 
 
@@ -132,33 +170,75 @@ def _format(path: Path, cfg: FilesData) -> str:
     return TEXT_SUFFIXES.get(suffix) or TABLE_SUFFIXES.get(suffix) or "text"
 
 
+def encoding(data: bytes) -> tuple[str, int]:
+    """The codec a byte-order mark names and the mark's length; UTF-8 (no mark) otherwise."""
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            return codec, len(bom)
+    return "utf-8", 0
+
+
 def decode(data: bytes, name: str, errors: str) -> tuple[str, int]:
-    """UTF-8 (BOM dropped). ``strict`` raises naming the byte offset; ``replace`` returns the count."""
-    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    """Text in the encoding its BOM names (UTF-8 when none; the BOM dropped), NUL characters included.
+
+    ``strict`` raises naming the byte offset of the first undecodable byte or NUL; ``replace`` puts U+FFFD
+    in their place and returns how many it replaced.
+    """
+    codec, bom = encoding(data)
     data = data[bom:]
     try:
-        return data.decode("utf-8"), 0
+        text, count = data.decode(codec), 0
     except UnicodeDecodeError as e:
         if errors == "strict":
             raise SourceError(
-                f"{name}: invalid UTF-8 at byte offset {e.start + bom} ({data[e.start : e.start + 4]!r}); "
+                f"{name}: invalid {codec.upper()} at byte offset {e.start + bom} ({data[e.start : e.start + 4]!r}); "
                 "convert the file to UTF-8 or set data.encoding_errors: replace"
             ) from None
+        text, count = _decode_replacing(data, codec)
+    if "\x00" in text:
+        if errors == "strict":
+            offset = bom + len(text[: text.index("\x00")].encode(codec))
+            raise SourceError(
+                f"{name}: NUL byte at byte offset {offset} (binary data in a text file?); remove it or set "
+                "data.encoding_errors: replace"
+            )
+        count += text.count("\x00")
+        text = text.replace("\x00", "\ufffd")
+    return text, count
+
+
+def _decode_replacing(data: bytes, codec: str) -> tuple[str, int]:
     parts, count, pos = [], 0, 0
     while True:
         try:
-            parts.append(data[pos:].decode("utf-8"))
+            parts.append(data[pos:].decode(codec))
             return "".join(parts), count
         except UnicodeDecodeError as e:
-            parts.append(data[pos : pos + e.start].decode("utf-8") + "\ufffd")
+            parts.append(data[pos : pos + e.start].decode(codec) + "\ufffd")
             count += 1
             pos += e.end
+
+
+def _without_nul(data: bytes, name: str, errors: str, report: LoadReport) -> bytes:
+    """A UTF-8 table's bytes with no NUL: ``strict`` raises naming the first one's offset; ``replace``
+    puts U+FFFD in their place and counts them."""
+    if b"\x00" not in data:
+        return data
+    if errors == "strict":
+        offset = data.index(b"\x00")
+        raise SourceError(
+            f"{name}: NUL byte at byte offset {offset} (binary data in a text file?); remove it or set "
+            "data.encoding_errors: replace"
+        )
+    report.replaced_chars += data.count(b"\x00")
+    return data.replace(b"\x00", "\ufffd".encode())
 
 
 def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) -> list[Document]:
     data, gzipped = _read_bytes(path)
     fmt = _format(path, cfg)
-    if fmt != "parquet" and b"\x00" in data[:SNIFF_BYTES]:
+    # UTF-16/32 text is full of zero bytes: only a file without such a BOM is sniffed for binary content
+    if fmt != "parquet" and encoding(data)[0] == "utf-8" and b"\x00" in data[:SNIFF_BYTES]:
         report.skipped.append(f"{path}: binary (NUL bytes), skipped")
         return []
     if fmt in ("text", "markdown"):
@@ -169,24 +249,29 @@ def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) 
             Document(title=f"{path.name}#{i}" if cfg.separator else path.name, genre="", text=p)
             for i, p in enumerate(parts)
         ]
-    return _load_table(path, fmt, data if gzipped else None, cfg, cache_dir)
+    plain = data if gzipped else None  # the bytes to read when they are not the file's
+    if fmt != "parquet":  # a NUL past the sniffed start of a table: an error, or replaced like a bad byte
+        cleaned = _without_nul(data, str(path), cfg.encoding_errors, report)
+        plain = cleaned if gzipped or cleaned is not data else None
+    return _load_table(path, fmt, plain, cfg, cache_dir)
 
 
-def _load_table(path: Path, fmt: str, gunzipped: bytes | None, cfg: FilesData, cache_dir: Path) -> list[Document]:
+def _load_table(path: Path, fmt: str, plain: bytes | None, cfg: FilesData, cache_dir: Path) -> list[Document]:
     """JSON Lines / CSV / Parquet through the `datasets` local loaders."""
-    table = read_table(path, fmt, gunzipped, cache_dir)
+    table = read_table(path, fmt, plain, cache_dir)
     return _table_documents(table, cfg.text_column, cfg.document_column, str(path))
 
 
-def read_table(path: Path, fmt: str, gunzipped: bytes | None, cache_dir: Path):
-    """A JSON Lines / CSV / Parquet file as a `datasets.Dataset` (``gunzipped``: its bytes, when gzip)."""
+def read_table(path: Path, fmt: str, plain: bytes | None, cache_dir: Path):
+    """A JSON Lines / CSV / Parquet file as a `datasets.Dataset` (``plain``: the bytes to read instead of the
+    file's — gunzipped, or with NUL bytes replaced)."""
     import datasets
 
     local = path
-    if gunzipped is not None:  # the loaders infer compression from the name; hand them the plain bytes
-        digest = hashlib.sha256(gunzipped).hexdigest()[:16]
+    if plain is not None:  # the loaders infer compression from the name; hand them the plain bytes
+        digest = hashlib.sha256(plain).hexdigest()[:16]
         local = Path(cache_dir) / "decompressed" / f"{digest}{_plain_suffix(fmt)}"
-        atomic_write_bytes(local, gunzipped)
+        atomic_write_bytes(local, plain)
     builder = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}[fmt]
     try:
         table = datasets.load_dataset(builder, data_files=str(local), split="train", cache_dir=str(cache_dir))
@@ -213,16 +298,20 @@ def _table_documents(table, text_column: str, document_column: str | None, name:
     return [Document(title=key, genre="", text="\n".join(rows)) for key, rows in groups.items()]
 
 
-def _load_hub(cfg: HubData, cache_dir: Path) -> list[Document]:
+def _load_hub(cfg: HubData, base_dir: Path, cache_dir: Path) -> list[Document]:
     import datasets
 
-    local = Path(cfg.dataset)
+    local = local_dataset(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
     try:
-        if (local / "state.json").is_file():  # a folder written by Dataset.save_to_disk
+        if local is not None and (local / "state.json").is_file():  # a folder written by Dataset.save_to_disk
             table = datasets.load_from_disk(str(local))
-        else:
+        else:  # a hub name, or a local folder of data files (by its checked absolute path, never the cwd's)
             table = datasets.load_dataset(
-                cfg.dataset, cfg.config, split=cfg.data_split, revision=cfg.revision, cache_dir=str(cache_dir)
+                str(local.resolve()) if local is not None else cfg.dataset,
+                cfg.config,
+                split=cfg.data_split,
+                revision=cfg.revision,
+                cache_dir=str(cache_dir),
             )
     except Exception as e:  # offline, unknown name, bad split: datasets raises many types
         raise SourceError(

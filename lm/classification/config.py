@@ -72,6 +72,8 @@ class LabelledHub(_Labelled):
     test_split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    allow_outside: bool = False
+    """Allow a local dataset folder outside the directory `lmp` runs in (absolute, `..`, symlinks)."""
 
 
 class ShakespeareGenre(_Labelled):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lm import sources
-from lm.atomic import atomic_dir, atomic_write_bytes
+from lm.atomic import atomic_dir, atomic_write_bytes, build_once
 from lm.classification.config import LabelledData, LabelledFiles, LabelledHub, ShakespeareGenre
 from lm.corpora.shakespeare import load_plays
 from lm.errors import DataError
@@ -54,7 +54,7 @@ def fingerprint(cfg: LabelledData, base_dir: Path) -> dict:
                 out[key] = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
             return out
         case LabelledHub():
-            return {}
+            return sources.hub_files(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
 
 
 def genre_passages(cfg: ShakespeareGenre) -> dict[str, list[tuple[str, Rows]]]:
@@ -116,23 +116,27 @@ def _read_files(cfg: LabelledFiles, key: str, base_dir: Path, cache_dir: Path) -
     return rows
 
 
-def _read_hub(cfg: LabelledHub, cache_dir: Path) -> tuple[dict[str, Rows], tuple[str, ...] | None]:
+def _read_hub(cfg: LabelledHub, base_dir: Path, cache_dir: Path) -> tuple[dict[str, Rows], tuple[str, ...] | None]:
     import datasets
 
     wanted = {"train": cfg.train_split, "val": cfg.validation_split, "test": cfg.test_split}
-    local = Path(cfg.dataset)
+    local = sources.local_dataset(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
     out: dict[str, Rows] = {}
     names = None
     for split, name in wanted.items():
         if name is None:
             continue
         try:
-            if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            if local is not None and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
                 loaded = datasets.load_from_disk(str(local))
                 table = loaded[name] if isinstance(loaded, datasets.DatasetDict) else loaded
-            else:
+            else:  # a hub name, or a local folder of data files (by its checked absolute path)
                 table = datasets.load_dataset(
-                    cfg.dataset, cfg.config, split=name, revision=cfg.revision, cache_dir=str(cache_dir)
+                    str(local.resolve()) if local is not None else cfg.dataset,
+                    cfg.config,
+                    split=name,
+                    revision=cfg.revision,
+                    cache_dir=str(cache_dir),
                 )
         except KeyError:
             raise DataError(f"data.dataset {cfg.dataset!r} has no split {name!r}; has {list(loaded)}") from None
@@ -206,7 +210,7 @@ def read_splits(cfg: LabelledData, base_dir: Path, cache_dir: Path) -> tuple[dic
             for split, key in (("val", "validation_paths"), ("test", "test_paths")):
                 rows[split] = _read_files(cfg, key, base_dir, cache_dir) if getattr(cfg, key) else None
         case LabelledHub():
-            read, declared = _read_hub(cfg, cache_dir)
+            read, declared = _read_hub(cfg, base_dir, cache_dir)
             rows = {s: read.get(s) for s in SPLITS}
     if not isinstance(cfg, ShakespeareGenre):
         held_out = {
@@ -301,8 +305,16 @@ def build_dataset(cfg: LabelledData, root: Path, *, base_dir: Path) -> dict:
     root = Path(root)
     inputs = dataset_inputs(cfg, base_dir)
     key = inputs_key(inputs)
-    if (hit := cached_dataset(root, key)) is not None:
-        return hit | {"cached": True, "key": key, "inputs": inputs}
+
+    def found() -> dict | None:
+        hit = cached_dataset(root, key)
+        return None if hit is None else hit | {"cached": True, "key": key, "inputs": inputs}
+
+    return build_once(root, key, found, lambda: _build(cfg, root, key, inputs, base_dir=Path(base_dir)))
+
+
+def _build(cfg: LabelledData, root: Path, key: str, inputs: dict, *, base_dir: Path) -> dict:
+    """``build_dataset`` after a cache miss, holding the key's lock."""
     name = describe(cfg)
     rows, declared, extra = read_splits(cfg, Path(base_dir), root / "cache")
     examples, names = build_examples(rows, cfg, declared, name)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 
-from lm.atomic import atomic_dir
+from lm.atomic import atomic_dir, build_once
 from lm.checkpoint import load_checkpoint, load_weights, sha256_file
 from lm.classification.config import HeadConfig, LabelledData
 from lm.classification.data import build_dataset, read_examples
@@ -86,25 +86,30 @@ def encode(dataset: dict, tokenizer: TokenizerConfig | Path, root: Path, *, max_
         "class_counts": dataset["class_counts"],
         "inputs": inputs,
     }
-    manifest_file = path / "manifest.json"
-    if manifest_file.exists():
+
+    def found() -> dict | None:
         try:
-            manifest = json.loads(manifest_file.read_text())
+            manifest = json.loads((path / "manifest.json").read_text())
             if all(sha256_file(path / f) == h for f, h in manifest["files"].items()):
                 return result | {"examples": manifest["examples"], "cached": True}
         except (OSError, ValueError, KeyError):
             pass
-    examples, files = {}, {}
-    with atomic_dir(path) as tmp:
-        tok.save(tmp / "tokenizer.json")
-        for split in SPLITS:
-            rows = read_examples(dataset["path"], split)
-            if rows:
-                encode_examples(tok, rows, max_tokens).save(tmp / f"{split}.safetensors")
-                examples[split] = len(rows)
-        files = {f.name: sha256_file(f) for f in tmp.iterdir()}
-        (tmp / "manifest.json").write_text(json.dumps({"files": files, "examples": examples, **inputs}, indent=2))
-    return result | {"examples": examples, "cached": False}
+        return None
+
+    def build() -> dict:
+        examples = {}
+        with atomic_dir(path) as tmp:
+            tok.save(tmp / "tokenizer.json")
+            for split in SPLITS:
+                rows = read_examples(dataset["path"], split)
+                if rows:
+                    encode_examples(tok, rows, max_tokens).save(tmp / f"{split}.safetensors")
+                    examples[split] = len(rows)
+            files = {f.name: sha256_file(f) for f in tmp.iterdir()}
+            (tmp / "manifest.json").write_text(json.dumps({"files": files, "examples": examples, **inputs}, indent=2))
+        return result | {"examples": examples, "cached": False}
+
+    return build_once(root, key, found, build)
 
 
 def load_split(encoded: dict, split: str) -> Examples:

@@ -165,3 +165,107 @@ def test_symlinks_out_of_the_project_are_refused(tmp_path):
         load(files(project, "link.txt"), project, project / "cache")
     docs, _ = load(files(project, "link.txt", allow_outside=True), project, project / "cache")
     assert texts(docs) == ["private"]
+
+
+# ---------------------------------------------------------------- issue 13, item 10
+
+
+def _saved_dataset(path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["private one", "private two"]}).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture
+def outside_dataset(tmp_path):
+    """A project folder, and a saved dataset next to it (outside the project)."""
+    (tmp_path / "project").mkdir()
+    return tmp_path / "project", _saved_dataset(tmp_path / "elsewhere" / "saved")
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "symlink"])
+def test_a_hub_folder_outside_the_project_is_refused_before_reading(outside_dataset, how):
+    project, saved = outside_dataset
+    if how == "symlink":
+        (project / "link").symlink_to(saved)
+    dataset = {"absolute": str(saved), "relative": "../elsewhere/saved", "symlink": "link"}[how]
+    cfg = HubData(source="hub", dataset=dataset)
+    for read in (lambda: fingerprint(cfg, project), lambda: load(cfg, project, project / "cache")):
+        with pytest.raises(SourceError, match=r"data.dataset .* resolves outside .*project.*set allow_outside: true"):
+            read()
+    docs, _ = load(HubData(source="hub", dataset=dataset, allow_outside=True), project, project / "cache")
+    assert texts(docs) == ["private one", "private two"]
+
+
+def test_a_hub_folder_inside_the_project_is_read_relative_to_it_and_fingerprinted(tmp_path):
+    _saved_dataset(tmp_path / "data" / "saved")
+    cfg = HubData(source="hub", dataset="data/saved")
+    docs, _ = load(cfg, tmp_path, tmp_path / "cache")
+    assert texts(docs) == ["private one", "private two"]
+    before = fingerprint(cfg, tmp_path)
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["edited"]}).save_to_disk(str(tmp_path / "data" / "saved2"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "saved")
+    (tmp_path / "data" / "saved2").rename(tmp_path / "data" / "saved")
+    assert fingerprint(cfg, tmp_path) != before  # an edited local dataset is ingested again
+
+
+def test_a_labelled_hub_folder_outside_the_project_is_refused(outside_dataset):
+    from lm.classification.config import LabelledHub
+    from lm.classification.data import build_dataset
+    from lm.errors import DataError
+
+    project, saved = outside_dataset
+    with pytest.raises(DataError, match=r"data.dataset .* resolves outside .*set allow_outside: true"):
+        build_dataset(LabelledHub(source="hub", dataset=str(saved)), project / "out", base_dir=project)
+    assert not (project / "out" / "index").exists()
+
+
+LONG = LINE * 300  # > 8 KiB: past the binary sniff window
+
+
+def test_a_nul_byte_past_the_first_8_kib_is_an_error_with_its_offset(tmp_path):
+    (tmp_path / "late.txt").write_bytes(LONG.encode() + b"\x00tail\n")
+    assert len(LONG.encode()) > 8192
+    with pytest.raises(SourceError, match=rf"late.txt: NUL byte at byte offset {len(LONG.encode())}"):
+        load(files(tmp_path, "late.txt"), tmp_path, tmp_path / "cache")
+    docs, report = load(files(tmp_path, "late.txt", encoding_errors="replace"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == [LONG + "\ufffdtail\n"] and report.replaced_chars == 1
+
+
+def test_no_nul_byte_reaches_train_txt(tmp_path):
+    from lm.config import SplitConfig
+    from lm.data import build_corpus
+
+    (tmp_path / "late.txt").write_bytes(LONG.encode() + b"\x00tail\n" + LONG.encode())
+    cfg = files(tmp_path, "late.txt", encoding_errors="replace", split=SplitConfig(kind="tail", val_fraction=0.1))
+    corpus, _ = build_corpus(cfg, tmp_path / "out", base_dir=tmp_path)
+    assert "\x00" not in corpus.split_path("train").read_text() + corpus.split_path("val").read_text()
+
+
+def test_a_nul_byte_late_in_a_csv_is_an_error_or_replaced(tmp_path):
+    body = "text\n" + "".join(f"row {i} to be or not to be\n" for i in range(400))
+    (tmp_path / "t.csv").write_bytes(body.encode() + b"bad\x00row\n")
+    with pytest.raises(SourceError, match=rf"t.csv: NUL byte at byte offset {len(body.encode()) + 3}"):
+        load(files(tmp_path, "t.csv"), tmp_path, tmp_path / "cache")
+    docs, report = load(files(tmp_path, "t.csv", encoding_errors="replace"), tmp_path, tmp_path / "cache")
+    assert "\x00" not in docs[0].text and "bad\ufffdrow" in docs[0].text and report.replaced_chars == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_utf16_and_utf32_files_with_a_bom_are_decoded_not_skipped(tmp_path, encoding):
+    text = "To be, or not to be — café, naïve, 日本\n" * 3
+    bom = {"utf-16-be": "\ufeff", "utf-32-be": "\ufeff"}.get(encoding, "")  # the -be codecs write no BOM
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "wide.txt").write_bytes((bom + text).encode(encoding))
+    docs, report = load(files(tmp_path, "corpus"), tmp_path, tmp_path / "cache")
+    assert texts(docs) == [text] and not report.skipped
+
+
+def test_invalid_utf16_names_the_encoding_and_offset():
+    with pytest.raises(SourceError, match=r"x: invalid UTF-16-LE at byte offset 4"):
+        decode(b"\xff\xfeh\x00\x00\xdc", "x", "strict")  # a lone low surrogate after "h"
