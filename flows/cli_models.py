@@ -110,22 +110,93 @@ def _cell(value, fmt: str) -> str:
         return str(value)
 
 
-def models() -> None:
-    """Registered models: versions, aliases and the champion's headline metric."""
+def models(
+    model: Annotated[str | None, typer.Argument(help="Only this registered model (default: all).")] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Each version's promotion history (oldest first) instead.")
+    ] = False,
+    format: Annotated[Literal["table", "json"], typer.Option("--format", help="Output format.")] = "table",
+) -> None:
+    """Registered models: versions, aliases and the champion's headline metric; with --history every gate
+    decision, forced promotion and rollback per version (who, when, why, both numbers)."""
     client = _client()
+    registered = _registered_models(client, model)
+    if history:
+        return _show_history(client, [m.name for m in registered], format)
+    rows = []
+    for found in registered:
+        versions = client.search_model_versions(f"name = '{found.name}'")
+        headline = ""
+        if "champion" in found.aliases:
+            tags = client.get_model_version(found.name, str(found.aliases["champion"])).tags
+            key = next((k for k in ("val_bpc", "val_macro_f1", "val_mlm_loss") if k in tags), "val_bpc")
+            headline = f"{key} {tags.get(key, '?')}"
+        aliases = {a: int(v) for a, v in sorted(found.aliases.items(), key=lambda kv: kv[0])}
+        rows.append({"model": found.name, "versions": len(versions), "aliases": aliases, "champion_metric": headline})
+    if format == "json":
+        typer.echo(json.dumps(rows))
+        return
     table = Table(title="registered models")
     for column in ("model", "versions", "aliases", "champion metric"):
         table.add_column(column)
-    for model in client.search_registered_models():
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        aliases = ", ".join(f"@{a} → v{v}" for a, v in sorted(model.aliases.items(), key=lambda kv: kv[0]))
-        headline = ""
-        if "champion" in model.aliases:
-            tags = client.get_model_version(model.name, str(model.aliases["champion"])).tags
-            key = next((k for k in ("val_bpc", "val_macro_f1", "val_mlm_loss") if k in tags), "val_bpc")
-            headline = f"{key} {tags.get(key, '?')}"
-        table.add_row(model.name, str(len(versions)), aliases or "-", headline)
-    console.print(table)
+    for row in rows:
+        aliases = ", ".join(f"@{a} → v{v}" for a, v in row["aliases"].items())
+        table.add_row(row["model"], str(row["versions"]), aliases or "-", row["champion_metric"])
+    _wide().print(table)
+
+
+def _registered_models(client, model: str | None) -> list:
+    """Every registered model, or just ``model`` (an unknown name is a clear error)."""
+    import mlflow
+
+    found = [m for m in client.search_registered_models() if model in (None, m.name)]
+    if model is not None and not found:
+        raise fail(f"no registered model {model!r} in {mlflow.get_tracking_uri()} (see `lmp models`)")
+    return found
+
+
+HISTORY_COLUMNS = ("model", "version", "when", "event", "who", "challenger", "champion", "forced", "reason", "detail")
+
+
+def _show_history(client, names: list[str], format: str) -> None:
+    """The promotion history of each version of ``names``: per version, newest last."""
+    from flows import promotion
+
+    rows = [entry for name in names for entry in promotion.history(client, name)]
+    if format == "json":
+        typer.echo(json.dumps(rows))
+        return
+    table = Table(title="promotion history", show_lines=False)
+    for column in HISTORY_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(row["model"]),
+            f"v{row['version']}",
+            row.get("when", ""),
+            row.get("event", ""),
+            escape(row.get("who", "")),
+            _side(row, "challenger"),
+            _side(row, "champion"),
+            "yes" if row.get("forced") else "",
+            escape(row.get("reason", "")),
+            escape(row.get("detail", "")),
+        )
+    _wide().print(table)
+
+
+def _wide() -> Console:
+    """The terminal's console, or a 200-column one when output goes to a file or pipe (no wrapped cells)."""
+    return Console(width=max(console.width, 200) if not console.is_terminal else None)
+
+
+def _side(row: dict, side: str) -> str:
+    """``v3 2.41`` — a side of a history entry: its version and, for a gate, its metric value."""
+    version, value = row.get(f"{side}_version"), row.get(side)
+    text = f"v{version}" if version is not None else "-"
+    if value is not None:
+        text += f" {value:.6g}" if isinstance(value, float | int) else f" {value}"
+    return text
 
 
 def _promote_config(name: str, version_tags: dict, config: Path):
@@ -146,8 +217,10 @@ def promote(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipelines file with the gate.")] = Path(
         "pipelines.yaml"
     ),
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the promotion history).")] = "",
 ) -> None:
-    """Run the promotion gate for a version against @champion and move the aliases if it passes."""
+    """Run the promotion gate for a version against @champion and move the aliases if it passes (under the
+    model's promotion lock; every decision is appended to the version's history)."""
     from flows import promotion, registry
     from flows.config import ClassifierSpec, PipelineSpec
 
@@ -167,8 +240,10 @@ def promote(
     data = WORK_DIR / ("labelled" if target.tags.get("task") == "classification" else "data") / digest
     if spec is not None and ((data / "val.txt").is_file() or (data / "val.jsonl").is_file()):
         evaluate = registry.champion_evaluator(spec, data, WORK_DIR / "promote")
-    decision = promotion.decide(client, model, target, gate, evaluate, force=force)
-    promotion.apply(client, model, target, decision)
+    try:
+        decision = promotion.run_gate(client, model, target, gate, evaluate, force=force, reason=reason)
+    except promotion.PromotionConflict as e:
+        raise fail(str(e), code=1) from None
     verdict = "[green]promoted to @champion[/green]" if decision.promoted else "[yellow]not promoted[/yellow]"
     console.print(f"{model} v{target.version}: {verdict} — {escape(decision.reason)}")
     if not decision.promoted:
@@ -184,28 +259,35 @@ def _get_version(client, model: str, version: int):
         raise fail(f"registered model {model!r} has no version {version}") from None
 
 
-def rollback(model: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
-    """Make @previous the @champion again (recorded on both versions)."""
+def rollback(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the promotion history).")] = "",
+) -> None:
+    """Make @previous the @champion again (recorded in both versions' promotion history)."""
     from flows import promotion
 
     try:
-        restored, demoted = promotion.rollback(_client(), model)
+        restored, demoted = promotion.rollback(_client(), model, reason=reason)
     except LookupError as e:
         raise fail(str(e)) from None
+    except promotion.PromotionConflict as e:
+        raise fail(str(e), code=1) from None
     console.print(f"{model}: @champion → v{restored} (v{demoted} demoted)")
 
 
 def generate(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION (or runs:/…).")],
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (1 to LMP_MAX_NEW_TOKENS_CAP, 4096).")] = 200,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="0: no top-k filter.")] = 40,
     top_p: Annotated[float, typer.Option(help="1.0: no nucleus filter.")] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     stop: Annotated[str, typer.Option(help="End at (and include) this string.")] = "",
 ) -> None:
-    """Load a registered model (pickle-free pyfunc) and print its continuation of PROMPT."""
+    """Load a registered model (pickle-free pyfunc) and print its continuation of PROMPT. The served model's
+    limits apply (LMP_MAX_NEW_TOKENS_CAP, LMP_GENERATION_SECONDS, LMP_MAX_PROMPT_CHARS): a param out of range
+    is refused (exit 2), and generation stops at the time budget with what it has."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -216,5 +298,8 @@ def generate(
     except (MlflowException, OSError) as e:
         raise fail(f"cannot load {model_uri}: {str(e).splitlines()[0]}") from None
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    output = loaded.predict([prompt], params=params | {"seed": seed, "stop": stop})[0]
+    try:
+        output = loaded.predict([prompt], params=params | {"seed": seed, "stop": stop})[0]
+    except MlflowException as e:  # the model's own one-line check of the params and the prompt
+        raise fail(e.message.splitlines()[0]) from None
     console.print(output if isinstance(output, str) else json.dumps(output), markup=False, highlight=False)

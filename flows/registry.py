@@ -8,8 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import lm
 from flows import promotion
@@ -63,16 +64,29 @@ def log_model(
         params = None
         example_output = [{"label": labels[0], "probabilities": {name: 1.0 / len(labels) for name in labels}}]
     signature = infer_signature([example_prompt], example_output, params=params)
-    with mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(SERVING_FILE),
-            artifacts=dict(files),
-            code_paths=[str(LM_DIR)],
-            signature=signature,
-            input_example=([example_prompt], params | {"max_new_tokens": 8}) if params else [example_prompt],
-            pip_requirements=requirements(),
-        )
+    # Inputs typed "any": for a string column MLflow's request parsing turns 123 into "123" and null into
+    # "None"; typed "any", the values reach the model as sent, and it answers anything but strings with a 400.
+    signature.inputs = Schema([ColSpec(AnyType())])
+    # Model.log with run_id (what mlflow.pyfunc.log_model calls) leaves the run RUNNING: `with
+    # mlflow.start_run(run_id)` would end it FINISHED before the version is registered and the aliases moved.
+    # Without an active run the logged model must be created in the run's experiment explicitly.
+    run = MlflowClient().get_run(run_id)
+    model = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, params=run.data.params, experiment_id=run.info.experiment_id
+    )
+    return Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=model.model_id,
+        python_model=str(SERVING_FILE),
+        artifacts=dict(files),
+        code_paths=[str(LM_DIR)],
+        signature=signature,
+        input_example=([example_prompt], params | {"max_new_tokens": 8}) if params else [example_prompt],
+        pip_requirements=requirements(),
+    )
 
 
 def log_and_register(
@@ -89,7 +103,8 @@ def log_and_register(
     evaluate_champion: Callable | None = None,
 ) -> dict:
     """Log the model, register it (or find the version that already holds these weights), run the gate
-    and move the aliases — @challenger, and @champion/@previous when it passes — as one unit."""
+    and move the aliases — @challenger, and @champion/@previous when it passes — as one unit, under the
+    model's promotion lock. The run stays RUNNING throughout: the caller's tracked run ends it."""
     client = MlflowClient()
     version, created = promotion.register_version(
         client,
@@ -99,17 +114,16 @@ def log_and_register(
         sha256_file(Path(files["weights"])),
         lambda: log_model(run_id, files, example_prompt, objective=objective, width=width, labels=labels).model_uri,
     )
-    moves: dict[str, int | None] = {"challenger": int(version.version)}
+    challenger = {"challenger": int(version.version)}
     decision = None
-    if promote.auto:
-        decision = promotion.decide(client, name, version, promote, evaluate_champion)
-        for key, value in decision.tags().items():
-            client.set_model_version_tag(name, version.version, key, value)
-        if decision.promoted:
-            if decision.champion_version is not None:
-                moves["previous"] = decision.champion_version
-            moves["champion"] = int(version.version)
-    promotion.move_aliases(client, name, moves)
+    if promote.auto:  # a lost race on a tracking server: decide again against the new champion
+        decision = promotion.run_gate(
+            client, name, version, promote, evaluate_champion, reason=f"gate after run {run_id}", moves=challenger,
+            attempts=3,
+        )  # fmt: skip
+    else:
+        with promotion.model_lock(name):
+            promotion.move_aliases(client, name, challenger)
     client.set_tag(run_id, "lmp.registered_version", str(version.version))
     return {
         "name": name,

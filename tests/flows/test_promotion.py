@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import mlflow
 import pytest
@@ -181,3 +182,127 @@ def test_the_flow_re_evaluates_a_champion_trained_on_other_data(prefect_harness,
     promoted = tags["lmp.gate.promoted"] == "True"
     assert promoted == (on_new_data - second["metrics"]["val_bpc"] >= smoke.promote.min_improvement)
     assert _aliases(client, "smoke")["champion"] == (second["registered"]["version"] if promoted else 1)
+
+
+def _history(client, name, version) -> list[dict]:
+    """The version's promotion history as stored: ``lmp.history.*`` tags (JSON), oldest first."""
+    tags = client.get_model_version(name, str(version)).tags
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("lmp.history.")]
+
+
+def test_two_gates_interleaved_leave_the_better_model_champion_and_both_decisions_in_the_history(mlflow_store):
+    """decide B, decide A, apply B, apply A (what two processes on a tracking server can do): the second apply
+    sees that @champion moved since its decision and aborts instead of putting the worse model back."""
+    client = MlflowClient()
+    _gate(client, "m", _version(client, "m", 2.50))
+    a, b = _version(client, "m", 2.45), _version(client, "m", 2.30)  # both beat v1; b beats a
+    decided_b = promotion.decide(client, "m", b, GATE)
+    decided_a = promotion.decide(client, "m", a, GATE)
+    assert decided_a.promoted and decided_b.promoted  # each against v1
+    promotion.apply(client, "m", b, decided_b)
+    with pytest.raises(RuntimeError, match=r"@champion of 'm' moved from v1 to v3"):
+        promotion.apply(client, "m", a, decided_a)
+    assert _aliases(client, "m") == {"champion": 3, "previous": 1}
+    assert [e["event"] for e in _history(client, "m", 3)] == ["promoted"]
+    (aborted,) = _history(client, "m", 2)
+    assert aborted["event"] == "aborted" and aborted["champion_version"] == 1 and aborted["challenger"] == 2.45
+    assert "@" in aborted["who"] and aborted["when"].endswith("Z")
+
+
+def test_two_pipeline_gates_racing_are_serialised_by_the_promotion_lock(mlflow_store, tmp_path, monkeypatch):
+    """Two registrations in two threads, B (better) deciding first; A's gate is attempted while B holds the
+    decision. With the per-model lock A decides only after B's aliases moved, so A is compared with B."""
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    client = MlflowClient()
+    _gate(client, "lm", _version(client, "lm", 2.50))
+
+    def fake_log_model(run_id, files, *args, **kwargs):  # a tiny artifact instead of a whole pyfunc (fast)
+        client.log_text(run_id, "weights", "model.txt")
+        return SimpleNamespace(model_uri=f"runs:/{run_id}/model.txt")
+
+    monkeypatch.setattr(registry, "log_model", fake_log_model)
+    events = {k: threading.Event() for k in ("b_decided", "a_decided", "a_waits", "b_done")}
+    real_decide = promotion.decide
+
+    def decide(client, name, version, *args, **kwargs):
+        decision = real_decide(client, name, version, *args, **kwargs)
+        me = "b" if version.tags["val_bpc"] == "2.3" else "a"
+        events[f"{me}_decided"].set()
+        if me == "b":  # hold on until A has decided too (no lock) or is waiting for the lock
+            deadline = time.monotonic() + 30
+            while not (events["a_decided"].is_set() or events["a_waits"].is_set()) and time.monotonic() < deadline:
+                events["a_waits"].wait(0.01)
+        else:  # apply only after B applied: the order that put the worse model back
+            events["b_done"].wait(30)
+        return decision
+
+    monkeypatch.setattr(promotion, "decide", decide)
+
+    class Waiting(logging.Handler):
+        def emit(self, record):
+            if "waiting" in record.getMessage():
+                events["a_waits"].set()
+
+    handler = Waiting()
+    logging.getLogger("flows.promotion").addHandler(handler)
+    errors = []
+
+    def register(bpc, tag):
+        try:
+            run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+            weights = tmp_path / f"w{tag}.bin"
+            weights.write_text(tag)
+            tags = {"val_bpc": str(bpc), "data_digest": "d1"}
+            registry.log_and_register(run_id, "lm", {"weights": str(weights)}, tags, "x", promote=GATE)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            if tag == "b":
+                events["b_done"].set()
+
+    try:
+        thread_b = threading.Thread(target=register, args=(2.3, "b"))
+        thread_b.start()
+        assert events["b_decided"].wait(30)
+        thread_a = threading.Thread(target=register, args=(2.45, "a"))
+        thread_a.start()
+        thread_a.join(60)
+        thread_b.join(60)
+    finally:
+        logging.getLogger("flows.promotion").removeHandler(handler)
+    assert not errors, errors
+    b, a = 2, 3  # B registered first
+    assert _aliases(client, "lm") == {"champion": b, "previous": 1, "challenger": a}
+    assert [e["event"] for e in _history(client, "lm", b)] == ["promoted"]
+    (decided,) = _history(client, "lm", a)  # compared with B, not with the old champion; never aborted
+    assert decided["event"] == "rejected" and decided["champion_version"] == b and decided["champion"] == 2.3
+
+
+def test_a_forced_promotion_stays_on_record_after_a_later_gate_on_the_same_version(mlflow_store):
+    client = MlflowClient()
+    _gate(client, "m", _version(client, "m", 2.5))
+    v2 = _version(client, "m", 2.7)
+    forced = promotion.decide(client, "m", v2, GATE, force=True)
+    promotion.apply(client, "m", v2, forced, reason="hotfix for the tokenizer bug")
+    assert _aliases(client, "m") == {"champion": 2, "previous": 1}
+    _gate(client, "m", client.get_model_version("m", "2"))  # a later gate on v2: "already the champion"
+    assert client.get_model_version("m", "2").tags["lmp.gate.reason"] == "version 2 is already the champion"
+    first, later = _history(client, "m", 2)
+    assert first["event"] == "forced" and first["forced"] and first["reason"] == "hotfix for the tokenizer bug"
+    assert first["who"] == forced.forced_by and first["challenger"] == 2.7 and first["champion"] == 2.5
+    assert later["event"] == "rejected" and not later["forced"] and "already the champion" in later["detail"]
+    assert [e["event"] for e in _history(client, "m", 1)] == ["promoted", "replaced"]
+
+
+def test_the_promotion_lock_lives_beside_a_local_store_and_a_tracking_server_relies_on_compare_and_set(tmp_path):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    locks = tmp_path / "mlruns" / "locks"
+    assert promotion.lock_path("my model/x", f"sqlite:///{store}") == locks / "my%20model%2Fx.lock"
+    assert promotion.lock_path("m", "http://127.0.0.1:5000") is None
+    with promotion.model_lock("m", f"sqlite:///{store}"):
+        assert (locks / "m.lock").is_file()
+    with promotion.model_lock("m", "http://127.0.0.1:5000"):  # nothing to lock: the apply re-reads @champion
+        pass

@@ -113,3 +113,49 @@ def test_mlflow_models_serve_answers_a_classifier_with_labels_and_probabilities(
         assert set(p["probabilities"]) == {"comedies", "histories", "tragedies"}
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
         assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+
+
+def test_promotion_history_with_reasons_from_the_cli(mlflow_store):
+    """`--reason` on promote/rollback lands in the append-only history; `lmp models --history` shows it per
+    version, oldest first, a forced promotion included after later gates."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows import promotion
+    from flows.cli import app
+
+    client = MlflowClient()
+    for bpc in (2.5, 2.7):  # tiny versions: a text artifact each
+        with mlflow.start_run() as run:
+            mlflow.log_text("weights", "model.txt")
+        uri = f"runs:/{run.info.run_id}/model.txt"
+        tags = {"val_bpc": str(bpc), "data_digest": "d"}
+        promotion.register_version(client, "m", run.info.run_id, tags, f"w{bpc}", lambda uri=uri: uri)
+
+    assert runner.invoke(app, ["promote", "m", "--version", "1", "--reason", "first model"]).exit_code == 0
+    assert runner.invoke(app, ["promote", "m", "--version", "2"]).exit_code == 1  # worse: the gate refuses
+    forced = runner.invoke(app, ["promote", "m", "--version", "2", "--force", "--reason", "hotfix"])
+    assert forced.exit_code == 0, forced.output
+    assert runner.invoke(app, ["promote", "m", "--version", "2"]).exit_code == 1  # already the champion
+    rolled = runner.invoke(app, ["rollback", "m", "--reason", "bad samples"])
+    assert rolled.exit_code == 0, rolled.output
+
+    listing = runner.invoke(app, ["models", "--history", "m", "--format", "json"])
+    assert listing.exit_code == 0, listing.output
+    rows = json.loads(listing.output)
+    assert [(r["version"], r["event"], r["reason"]) for r in rows] == [
+        (1, "promoted", "first model"),
+        (1, "replaced", "hotfix"),
+        (1, "restored", "bad samples"),
+        (2, "rejected", ""),
+        (2, "forced", "hotfix"),
+        (2, "rejected", ""),
+        (2, "rolled back", "bad samples"),
+    ]
+    forced_row = rows[4]
+    assert forced_row["forced"] and forced_row["champion_version"] == 1 and forced_row["champion"] == 2.5
+    assert "@" in forced_row["who"] and forced_row["when"].endswith("Z")
+    table = runner.invoke(app, ["models", "--history"])
+    assert table.exit_code == 0 and "hotfix" in table.output and "rolled back" in table.output
+    unknown = runner.invoke(app, ["models", "--history", "nope"])
+    assert unknown.exit_code == 2 and "no registered model 'nope'" in unknown.output
