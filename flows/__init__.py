@@ -8,5 +8,6 @@ for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",  # nothing pickled, even where a decorator forgets to say so
 }.items():
     os.environ.setdefault(_key, _value)

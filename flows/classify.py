@@ -107,7 +107,7 @@ def tokenize(dataset: dict, spec: ClassifierSpec, init: dict | None, workdir: st
 @task(name="evaluate", **OPTS)
 def evaluate(encoded: dict, trained: dict, spec: ClassifierSpec, run_id: str) -> dict:
     result = stages.evaluate(encoded, trained["checkpoint"], backbone(encoded), spec.head, spec.train)
-    tracking.log_metrics(run_id, result["metrics"], step=trained["steps"])
+    tasks.log_new(run_id, result["metrics"], trained["steps"])  # a rerun after a later failure: no duplicates
     classify_report.log_evaluation(run_id, result)
     return result
 

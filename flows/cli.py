@@ -36,6 +36,16 @@ SUMMARY_METRICS = {
     "val_mlm_loss": ("masked-token loss", "nats/token (validation)"),
 }
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
+_options = {"verbose": False}
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show an error's traceback, not only its message.")
+    ] = False,
+) -> None:
+    _options["verbose"] = verbose
 
 
 def _load(config: Path) -> PipelinesFile:
@@ -99,7 +109,7 @@ def run(
     from flows.torchrun import RankFailed
     from lm.training import TrainingInterrupted
 
-    uri = tracking.configure(Path.cwd())
+    uri = tracking.configure(Path.cwd(), write=True)
     if server is not None:
         try:
             server.ready()
@@ -123,6 +133,9 @@ def run(
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except RankFailed as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except tracking.TrackingUnavailable as e:  # the tracking server stayed away: stopped at a checkpoint
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except TrainingInterrupted as e:
@@ -165,7 +178,7 @@ def sweep(
     from flows import sweep as sweeping
     from flows import tracking
 
-    tracking.configure(Path.cwd())
+    tracking.configure(Path.cwd(), write=True)
     if server is not None:
         server.ready()
     started = time.time()
@@ -285,6 +298,37 @@ app.command()(cli_servers.down)
 app.command()(cli_servers.schedule)
 
 
+def _report_error(error: Exception) -> int:
+    """One ``error:`` line for an error no command handled — what a damaged or read-only store means and what
+    to do, the tracking server that stayed away, or the error itself — and the exit status (2: a damaged
+    store; 1: anything else). The traceback only with ``--verbose``."""
+    if _options["verbose"]:
+        err.print_exception(show_locals=False)
+    message, code, known = f"{type(error).__name__}: {error}", 1, False
+    if "mlflow" in sys.modules:
+        from flows import tracking
+
+        cause, stopped = tracking.store_error(error), _in_chain(error, tracking.TrackingUnavailable)
+        if cause is not None:
+            message, code, known = str(cause), cause.exit_code, True
+        elif stopped is not None:
+            message, known = str(stopped), True
+    first = (message.strip().splitlines() or [type(error).__name__])[0]
+    hint = "" if known or _options["verbose"] else " (`lmp --verbose …` shows the traceback)"
+    err.print(f"[red]error:[/red] {escape(first)}{hint}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _in_chain(error: BaseException | None, kind: type) -> BaseException | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main() -> None:
     """The `lmp` console script: run the command, make everything durable, then end the process at once.
 
@@ -297,6 +341,8 @@ def main() -> None:
         app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 — every error ends in one line (the traceback with --verbose)
+        code = _report_error(e)
     if "prefect" in sys.modules:
         from prefect._internal.concurrency.services import QueueService
 

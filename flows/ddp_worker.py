@@ -45,7 +45,8 @@ def main(job_path: str) -> None:
             if not ctx.is_main:
                 fit_stage(spec, job["tokens"], Path(job["out"]), on_metrics=lambda step, metrics: None, **hooks)
                 return
-            with tracking.MetricSink(job["run_id"], resuming=job["replaying"]) as sink:
+            with tracking.MetricSink(job["run_id"], resuming=job["replaying"], buffer_dir=job["out"]) as sink:
+                hooks["should_stop"] = lambda: STOP.requested() or sink.should_stop()
                 on_start = None if resume else (lambda card: tracking.log_params(job["run_id"], card))
                 flush = lambda step: sink.flush()  # noqa: E731 — metrics up to a checkpoint are durable before it
                 result = fit_stage(

@@ -21,7 +21,7 @@ def _flow_run_name() -> str:
     return spec["name"] if isinstance(spec, dict) else spec.name
 
 
-@flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False)
+@flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False, **tasks.RESULTS)
 def lm_pipeline(
     spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False
 ) -> dict:

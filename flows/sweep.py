@@ -60,7 +60,7 @@ def _trial_name() -> str:
     return f"{p['spec']['name'] if isinstance(p['spec'], dict) else p['spec'].name}-trial-{p['job']['index']}"
 
 
-@flow(name="lm-trial", flow_run_name=_trial_name, validate_parameters=False)
+@flow(name="lm-trial", flow_run_name=_trial_name, validate_parameters=False, **tasks.RESULTS)
 def lm_trial(spec: PipelineSpec, job: dict) -> dict:
     """Train and evaluate one trial into an MLflow child run of the sweep. ``job``: index, values, tokens,
     parent_run_id, workdir, tracking_uri, threads."""
@@ -106,7 +106,7 @@ def lm_trial(spec: PipelineSpec, job: dict) -> dict:
     return {"index": index, "run_id": run_id, "values": values, "trained": trained, "evaluated": evaluated}
 
 
-@task(name="trial", cache_policy=tasks.OPTS["cache_policy"], persist_result=False)
+@task(name="trial", cache_policy=tasks.OPTS["cache_policy"], **tasks.RESULTS)
 def trial(spec: PipelineSpec, job: dict) -> dict:
     """One trial on a Dask worker, as a child flow run."""
     return lm_trial(spec, job)
@@ -161,7 +161,7 @@ def _sweep_name() -> str:
     return f"{spec['name'] if isinstance(spec, dict) else spec.name}-sweep"
 
 
-@flow(name="lm-sweep", flow_run_name=_sweep_name, validate_parameters=False)
+@flow(name="lm-sweep", flow_run_name=_sweep_name, validate_parameters=False, **tasks.RESULTS)
 def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".") -> dict:
     """Run the pipeline's sweep: shared ingest/tokenize, trials on the task runner, the best registered."""
     spec = validate_spec(spec)

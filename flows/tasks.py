@@ -2,14 +2,16 @@
 
 Stage outputs are content-addressed directories under the work directory, so an unchanged stage
 reuses what is already on disk. Prefect's own result caching is off: results are small dicts
-recomputed cheaply, and nothing is pickled.
+recomputed cheaply, and nothing is pickled (``RESULTS``: not persisted; a failure's record is JSON).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
@@ -19,7 +21,7 @@ from flows import report as reporting
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
 from lm import stages
-from lm.checkpoint import latest_checkpoint
+from lm.checkpoint import STEP_PREFIX, latest_checkpoint
 from lm.config import DataConfig, TokenizerConfig
 from lm.errors import DataError
 from lm.training import TrainingError, TrainingInterrupted, resolve_device, resolve_precision
@@ -37,7 +39,10 @@ def transient(task, task_run, state) -> bool:
     return False
 
 
-OPTS = {"cache_policy": NONE, "persist_result": False, "retry_condition_fn": transient}
+# Prefect writes a failed run's exception to its result storage whatever ``persist_result`` says, with
+# its default serializer (pickle, base64 in ~/.prefect/storage): JSON keeps it a readable record instead.
+RESULTS = {"persist_result": False, "result_serializer": "json"}
+OPTS = {"cache_policy": NONE, "retry_condition_fn": transient, **RESULTS}
 
 
 def _report(stage: str, result: dict) -> None:
@@ -70,13 +75,16 @@ def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_len
 @task(name="train", **OPTS)
 def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
     """Train, or continue from the newest valid checkpoint of this run: after an interrupted ``lmp run``
-    (``resume_from``) or when Prefect retries this task after a failure."""
+    (``resume_from``) or when Prefect retries this task after a failure. When this run's training already
+    finished (a failure came later), return its recorded result without training again."""
     log = get_run_logger()
     out = Path(workdir) / "runs" / run_id
+    if (trained := resume_mod.read_trained(out)) is not None:
+        return _finished(trained, tokens, spec, run_id, log)
     resume, rejected = latest_checkpoint(out) if out.exists() else (None, [])
     for reason in rejected:
         log.warning("not resuming from a damaged checkpoint: %s", reason)
-    if resume is None and resume_from:
+    if resume is None and resume_from and Path(resume_from).name.startswith(STEP_PREFIX):
         resume = Path(resume_from)
     if resume is not None:
         log.info("train: resuming from %s (attempt %d)", resume, task_run.run_count)
@@ -108,7 +116,7 @@ def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, repla
         with resume_mod.STOP.handling():
             result = torchrun.run(spec, job, out, should_stop=resume_mod.STOP.requested, log=log)
     else:
-        with tracking.MetricSink(run_id, resuming=replaying) as sink, resume_mod.STOP.handling():
+        with tracking.MetricSink(run_id, resuming=replaying, buffer_dir=out) as sink, resume_mod.STOP.handling():
             result = torchrun.fit_stage(
                 spec,
                 tokens,
@@ -117,23 +125,60 @@ def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, repla
                 on_start=log_card,
                 resume_from=resume,
                 before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
-                should_stop=resume_mod.STOP.requested,
+                should_stop=lambda: resume_mod.STOP.requested() or sink.should_stop(),  # or tracking stayed away
                 peak_flops=peak,
             )
-    summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
-    if result["best_step"] is not None:
-        summary["best_step"] = result["best_step"]
-    tracking.log_metrics(run_id, summary, step=result["steps"])
+    # Recorded before anything else can fail: from now on a rerun evaluates final/ instead of training again.
+    resume_mod.record_trained(out, resume_mod.spec_settings(spec), resume_mod.training_inputs(tokens), result)
+    tracking.log_metrics(run_id, _summary(result), step=result["steps"])
     if result["stopped_early"]:
         log.info("train: stopped early at step %d; kept the weights of step %d", result["steps"], result["best_step"])
         tracking.set_tags(run_id, {"lmp.stopped_early_at": str(result["steps"])})
     return result
 
 
+def _summary(result: dict) -> dict[str, float]:
+    """The training run's summary metrics, logged at its last step."""
+    summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
+    if result["best_step"] is not None:
+        summary["best_step"] = result["best_step"]
+    return summary
+
+
+def _finished(trained: dict, tokens: dict, spec: PipelineSpec, run_id: str, log) -> dict:
+    """This run's training finished before (a failure or stop came after it): check it was made with these
+    settings and inputs, log whatever of its summary did not reach MLflow, and return its result."""
+    changed = resume_mod.trained_changes(trained, resume_mod.spec_settings(spec), resume_mod.training_inputs(tokens))
+    if changed:
+        raise resume_mod.refuse_changed(run_id, changed)
+    result = trained["result"]
+    log.info("train: training finished at step %d before; evaluating %s", result["steps"], result["checkpoint"])
+    log_new(run_id, _summary(result), result["steps"])
+    if result["stopped_early"]:
+        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(result["steps"])})
+    return result
+
+
+def log_new(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log the rows the run does not already hold at ``step`` with the same value: an attempt that repeats
+    work an earlier one logged (a rerun after a failure) adds no duplicates, while a changed value is logged."""
+    client = MlflowClient()
+    present = client.get_run(run_id).data.metrics
+
+    def logged(key: str, value: float) -> bool:
+        same = (lambda v: math.isnan(v)) if math.isnan(value) else (lambda v: v == value)
+        return key in present and any(m.step == step and same(m.value) for m in client.get_metric_history(run_id, key))
+
+    new = {k: v for k, v in metrics.items() if not logged(k, float(v))}
+    if new:
+        tracking.log_metrics(run_id, new, step=step)
+
+
 @task(name="evaluate", **OPTS)
 def evaluate(tokens: dict, trained: dict, spec: PipelineSpec, run_id: str) -> dict:
     result = stages.evaluate(tokens, trained["checkpoint"], spec.model, spec.train, spec.eval)
-    tracking.log_evaluation(run_id, result, step=trained["steps"])
+    log_new(run_id, result["metrics"], trained["steps"])  # a rerun after a later failure: no duplicate rows
+    tracking.log_evaluation(run_id, result | {"metrics": {}}, step=trained["steps"])
     return result
 
 

@@ -144,6 +144,8 @@ def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
         raise TrainingInterrupted(step, checkpoint)
     cause = root_cause(text)
     message = f"distributed training failed — {cause}; log: {out / 'torchrun.log'}. Checkpoints written before stay"
+    if "TrackingUnavailable" in cause:
+        raise tracking.TrackingUnavailable(message)
     if "TrainingError" in cause:
         raise TrainingError(message)
     if "DataError" in cause:

@@ -1,4 +1,4 @@
-"""MLflow set-up in one place, the run lifecycle, and the metric sink that implements lm's ``on_metrics``."""
+"""MLflow set-up in one place, the run lifecycle and the one-shot logging helpers (the metric sink: metric_sink.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,12 +19,11 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from flows.metric_sink import MetricSink, TrackingUnavailable, forget_outages, listening, relay  # noqa: E402, F401
 from lm.training import TrainingInterrupted  # noqa: E402
 
 STORE_DIR = "mlruns"
 SYSTEM_METRICS_INTERVAL_S = 5  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
-Listener = Callable[[int, Mapping[str, float]], None]
-_listeners: list[Listener] = []  # in-process observers (the CLI's progress bar)
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -32,18 +31,108 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(Path(root) / STORE_DIR / 'mlflow.db').resolve()}"
 
 
-def configure(root: Path | str = ".") -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store under ``root``; returns the URI."""
-    return configure_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root)))
+class StoreError(RuntimeError):
+    """The embedded store cannot be used as asked (damaged, or read-only for a command that writes); the
+    message names it and says what to do. ``exit_code``: 2 for a damaged store, 1 for a read-only one."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def configure_uri(uri: str) -> str:
+def configure(root: Path | str = ".", *, write: bool = False) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store under ``root``; returns the URI.
+    ``write``: the command will write to the store, so a read-only one is refused up front (StoreError)."""
+    return configure_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path(root)), write=write)
+
+
+def configure_uri(uri: str, *, write: bool = False) -> str:
     """Point MLflow's tracking and registry at ``uri`` (e.g. what another process configured)."""
+    forget_outages()  # a new run: MLflow's own retries and log lines again, whatever an outage changed
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///"):
-        _initialise_once(Path(uri.removeprefix("sqlite:///")))
+        database = Path(uri.removeprefix("sqlite:///"))
+        check_database(database)
+        if write and not writable(database):
+            raise StoreError(read_only_message(database, "this command writes runs and models there"), exit_code=1)
+        _initialise_once(database)
     return uri
+
+
+def damaged_message(database: Path, detail: str) -> str:
+    return (
+        f"{database} is not a readable SQLite database ({detail}); restore it from a backup, or move it away "
+        f"(e.g. mv {database} {database}.damaged) to start a new store"
+    )
+
+
+def read_only_message(database: Path, why: str) -> str:
+    return (
+        f"the store {database.parent} is read-only for this user ({why}); make it writable "
+        f"(chmod -R u+w {database.parent}) or set MLFLOW_TRACKING_URI to a store you can write"
+    )
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_database(database: Path) -> None:
+    """Raise StoreError when ``database`` exists but is not a whole SQLite database: a foreign file, or one
+    cut short (a partial copy, a full disk) — the header's page count says how long it must be. Reads only
+    the first 100 bytes; damage inside the file is reported when a query meets it (see ``store_error``)."""
+    try:
+        with open(database, "rb") as f:
+            header = f.read(100)
+        size = database.stat().st_size
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(damaged_message(database, e.strerror or str(e))) from None
+    if size == 0:
+        return  # a new, empty file: MLflow creates the schema
+    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
+        raise StoreError(damaged_message(database, "file is not a database"))
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if pages and header[24:28] == header[92:96] and size < pages * page_size:  # the page count is valid
+        raise StoreError(damaged_message(database, f"database disk image is malformed: {size:,} bytes of "
+                                                   f"{pages * page_size:,}, the file was cut short"))  # fmt: skip
+
+
+def writable(database: Path) -> bool:
+    """Whether this process may write the store (its directory, database and artifact folder)."""
+    paths = [database.parent, database, database.parent / "artifacts"]
+    return all(os.access(p, os.W_OK) for p in paths if p.exists()) and os.access(_existing(database.parent), os.W_OK)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def store_error(error: BaseException) -> StoreError | None:
+    """The StoreError an MLflow failure amounts to, when its cause is a damaged or read-only SQLite store
+    (looked for along the exception chain); None for anything else."""
+    seen, text = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, StoreError):
+            return error
+        text.append(str(error))
+        error = error.__cause__ or error.__context__
+    joined = " ".join(text)
+    uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else ""
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else Path("mlruns/mlflow.db")
+    for damaged in ("database disk image is malformed", "file is not a database"):
+        if damaged in joined:
+            return StoreError(damaged_message(database, damaged))
+    for read_only in ("attempt to write a readonly database", "readonly database", "Read-only file system"):
+        if read_only in joined:
+            return StoreError(read_only_message(database, read_only), exit_code=1)
+    return None
 
 
 _initialised: set[Path] = set()
@@ -52,14 +141,20 @@ _initialised: set[Path] = set()
 def _initialise_once(database: Path) -> None:
     """Create or migrate an SQLite store under a file lock: two processes starting on a new store at once
     would otherwise race through MLflow's schema migrations ("table _alembic_tmp_… already exists").
-    Once per store and process: `lmp run` and the flow both configure tracking."""
+    Once per store and process: `lmp run` and the flow both configure tracking. A store this process may not
+    write is only read: no lock file, no migration (reading commands work on a read-only ``mlruns/``)."""
     if database in _initialised:
         return
-    _initialised.add(database)
+    if not writable(database):
+        if not database.exists():
+            raise StoreError(read_only_message(database, f"there is no {database.name} yet to read"), exit_code=1)
+        _initialised.add(database)
+        return
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.parent / ".init.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         MlflowClient().search_experiments(max_results=1)
+    _initialised.add(database)
 
 
 def artifact_location(uri: str) -> str | None:
@@ -83,8 +178,8 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 def tracked_run(
     experiment: str, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None
 ) -> Iterator[str]:
-    """Create (or reopen ``resume_run_id``) an MLflow run, yield its id, and end it FINISHED, or
-    FAILED/KILLED on an exception."""
+    """Create (or reopen ``resume_run_id``) an MLflow run, yield its id, and end it FINISHED — without the
+    failure or stop tags of earlier attempts — or FAILED/KILLED on an exception."""
     client = MlflowClient()
     if resume_run_id is None:
         uri = mlflow.get_tracking_uri()
@@ -103,6 +198,8 @@ def tracked_run(
         yield run_id
     except (KeyboardInterrupt, TrainingInterrupted) as e:
         _finish(monitor)
+        if isinstance(e, TrackingUnavailable):  # the server is gone: tags and status wait for the resume
+            raise
         set_tags(run_id, {"lmp.stopped": str(e)[:5000] or type(e).__name__})
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
@@ -112,6 +209,11 @@ def tracked_run(
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     _finish(monitor)
+    try:  # a resumed run that finished is no longer failed or stopped
+        for key in client.get_run(run_id).data.tags.keys() & {"lmp.failure", "lmp.stopped"}:
+            client.delete_tag(run_id, key)
+    except MlflowException as e:  # a stale tag must not fail a finished run
+        warnings.warn(f"could not clear the tags of earlier attempts of run {run_id}: {e}", stacklevel=2)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
@@ -165,67 +267,3 @@ def log_evaluation(run_id: str, result: Mapping, step: int) -> None:
     client = MlflowClient()
     client.log_text(run_id, result["sample"], "samples/sample.txt")
     client.set_tag(run_id, "eval.protocol", result["protocol"])
-
-
-class MetricSink:
-    """lm's ``on_metrics`` for MLflow: buffers metric rows and writes them in batches.
-
-    A batch goes out every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes first,
-    so the MLflow UI follows a live run without a database write per step.
-    """
-
-    def __init__(self, run_id: str, *, flush_rows: int = 500, flush_seconds: float = 5.0, resuming: bool = False):
-        self.run_id, self.flush_rows, self.flush_seconds = run_id, flush_rows, flush_seconds
-        self.client = MlflowClient()
-        self.buffer: list[Metric] = []
-        self.last_flush = time.monotonic()
-        self.logged = self._last_logged_steps() if resuming else {}
-
-    def _last_logged_steps(self) -> dict[str, int]:
-        """On resume: the last step already in MLflow per metric, so replayed steps are not duplicated."""
-        run = self.client.get_run(self.run_id)
-        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in run.data.metrics}
-
-    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged.get(k, -1))
-        for listener in list(_listeners):
-            listener(step, metrics)
-        if len(self.buffer) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        for i in range(0, len(self.buffer), 1000):  # MLflow's per-batch metric limit
-            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
-        self.buffer.clear()
-        self.last_flush = time.monotonic()
-
-    def __enter__(self) -> MetricSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.flush()  # rows reported before a failure are kept too
-
-
-def relay(run_id: str, after_step: int, keys: tuple[str, ...] = ("train_loss", "tokens_per_second")) -> int:
-    """Show the in-process observers the newest metrics another process (a rank) logged to ``run_id`` past
-    ``after_step``; returns the newest step seen."""
-    if not _listeners:
-        return after_step
-    client = MlflowClient()
-    latest = {key: max(client.get_metric_history(run_id, key), key=lambda m: m.step, default=None) for key in keys}
-    step = max((m.step for m in latest.values() if m is not None), default=after_step)
-    if step > after_step:
-        for listener in list(_listeners):
-            listener(step, {k: m.value for k, m in latest.items() if m is not None and m.step == step})
-    return step
-
-
-@contextmanager
-def listening(listener: Listener) -> Iterator[None]:
-    """Let an in-process observer (a progress bar) see every metric the pipeline reports."""
-    _listeners.append(listener)
-    try:
-        yield
-    finally:
-        _listeners.remove(listener)

@@ -205,3 +205,47 @@ def test_only_settings_that_change_training_block_a_resume():
     now = {"model.num_layers": 2, "train.max_steps": 900, "eval.max_new_tokens": 64, "promote.metric": "val_loss"}
     assert changed_keys(old, now) == []  # schedule, evaluation and promotion keys may change
     assert changed_keys(old, now | {"model.num_layers": 4}) == ["model.num_layers"]
+
+
+KILL_IN_EVALUATE = """
+import os, signal, sys
+import lm.stages as stages
+def evaluate(*args, **kwargs):  # training has finished and written final/: die while evaluating
+    os.kill(os.getpid(), signal.SIGKILL)
+stages.evaluate = evaluate
+from flows.cli import main
+sys.argv = ["lmp", "run"]
+main()
+"""
+
+
+def test_sigkill_in_evaluation_then_pid_reuse_resumes_from_final_without_training_again(tmp_path):
+    project = _project(tmp_path / "p")
+    short = yaml.safe_load((project / "pipelines.yaml").read_text())
+    short["pipelines"]["crashy"]["train"] |= {"max_steps": 40, "checkpoint_interval": 20, "eval_interval": 20}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(short))
+    crashed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_EVALUATE], cwd=project, env=_env(project),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    client, [run] = _runs(project)
+    run_id, run_dir = run.info.run_id, project / ".lmp" / "runs" / run.info.run_id
+    assert run.info.status == "RUNNING" and (run_dir / "final").is_dir()
+    assert not list(run_dir.glob("step-*"))  # training finished: its step checkpoints are gone
+    weights = (run_dir / "final" / "model.safetensors").read_bytes()
+    before = {key: client.get_metric_history(run_id, key) for key in ("train_loss", "wall_seconds")}
+    # The killed process's pid now belongs to another live process (this one), started at another time.
+    client.set_tag(run_id, "lmp.pid", str(os.getpid()))
+
+    resumed = _run(project)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+    client, [again] = _runs(project)
+    assert again.info.run_id == run_id and again.info.status == "FINISHED"
+    assert again.data.tags["lmp.resumed_from_step"] == "40"
+    after = {key: client.get_metric_history(run_id, key) for key in before}
+    assert [(m.step, m.value) for m in after["train_loss"]] == [(m.step, m.value) for m in before["train_loss"]]
+    assert [m.step for m in after["wall_seconds"]] == [40]  # logged once, by the attempt that trained
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == weights and not list(run_dir.glob("step-*"))
+    assert "val_loss" in again.data.metrics and "lmp.failure" not in again.data.tags
