@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -55,14 +56,18 @@ def schedule(
     pause_on_exit: PauseFlag = False,
     limit: Limit = 1,
 ) -> None:
-    """Serve one Prefect deployment per scheduled pipeline; runs execute here until Ctrl-C."""
-    from flows import schedule as scheduling
+    """Serve one Prefect deployment per scheduled pipeline; runs execute here until Ctrl-C.
+
+    Each run re-reads the pipelines file and accepts only the pipeline's name and allow-listed overrides."""
+    from flows import servers
     from flows.cli import _load
 
     try:
-        env = scheduling.use_servers(WORK_DIR)
-    except scheduling.ScheduleError as e:
+        env = servers.use(WORK_DIR)
+    except servers.ServersError as e:
         raise fail(str(e)) from None
+    from flows import schedule as scheduling  # imports Prefect: only now that its API is chosen
+
     if list_:
         table = Table(title=f"scheduled pipelines on {env['PREFECT_API_URL']}")
         for column in ("deployment", "schedule", "active", "next run"):
@@ -83,6 +88,7 @@ def schedule(
     from flows import tracking
 
     tracking.configure(Path.cwd())
-    deployments = scheduling.deployments([file.pipelines[n] for n in names], str(WORK_DIR), str(Path.cwd()))
+    os.environ.update(scheduling.run_context_env(config.resolve(), WORK_DIR, Path.cwd()))  # never a run parameter
+    deployments = scheduling.deployments([file.pipelines[n] for n in names])
     console.print(f"serving {', '.join(names)} against {env['PREFECT_API_URL']} (Ctrl-C to stop)")
     serve(*deployments, pause_on_shutdown=pause_on_exit, print_starting_message=False, limit=limit)

@@ -1,7 +1,10 @@
 """`lmp up` / `lmp down`: a local Prefect server and MLflow tracking server, started and stopped together.
 
-Both are the real engines (`prefect server start`, `mlflow server`), bound to 127.0.0.1 — they have no
-authentication, so they must not be reachable from other hosts. The Prefect server keeps its database
+Both are the real engines (Prefect's server app as `prefect server start` builds it, `mlflow server`), bound to
+127.0.0.1 — they have no authentication, so they must not be reachable from other hosts, nor drivable by a web
+page the user opens: the Prefect server answers CORS for its own origin only, wants a CSRF token for every
+change, and sits behind ``flows.guard`` (a foreign ``Host`` or ``Origin`` is refused); MLflow's server refuses
+a foreign ``Host`` and cross-origin changes by itself. The Prefect server keeps its database
 under ``.lmp/prefect/``; the MLflow server uses the project's ``mlruns/mlflow.db`` and serves the
 artifacts under ``mlruns/artifacts``. What was started (process ids, ports, URLs) is recorded in
 ``.lmp/servers.json``; `lmp down` stops exactly those process groups.
@@ -19,11 +22,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.guard import allowed_hosts, allowed_origins
 from flows.resume import _alive
 from lm.atomic import atomic_write_bytes
 
 STATE = "servers.json"
 HEALTH_TIMEOUT_S = 90.0
+APP_DIR = Path(__file__).resolve().parents[1]  # where `flows` is imported from (not a `flows/` in the project)
 
 
 class ServersError(RuntimeError):
@@ -54,6 +59,22 @@ def running(workdir: Path) -> dict | None:
     return None
 
 
+def use(workdir: Path) -> dict[str, str]:
+    """Point this process (and the runs it starts) at the Prefect API and MLflow server to use: PREFECT_API_URL,
+    else what `lmp up` recorded. Call it before importing Prefect, which reads its settings once."""
+    if os.environ.get("PREFECT_API_URL"):
+        return {k: os.environ[k] for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI") if k in os.environ}
+    state = running(workdir)
+    if state is None:
+        raise ServersError(
+            "schedules need a Prefect server that outlives this command: run `lmp up` first, or set "
+            "PREFECT_API_URL (and MLFLOW_TRACKING_URI) to shared servers"
+        )
+    for key, value in state["env"].items():
+        os.environ.setdefault(key, value)
+    return dict(state["env"])
+
+
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, deadline: float) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -66,6 +87,29 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, deadline: floa
             pass
         time.sleep(0.2)
     raise ServersError(f"{url} did not answer within {HEALTH_TIMEOUT_S:.0f} s; see {log}")
+
+
+def prefect_command(port: int) -> list[str]:
+    """Prefect's server app (API, UI, services) behind flows.guard, served by uvicorn as `prefect server start` does."""
+    return [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(APP_DIR), "--factory", "flows.guard:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on", "--no-proxy-headers",
+        "--timeout-keep-alive", "5", "--ws-ping-interval", "20", "--ws-ping-timeout", "20", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def prefect_env(port: int, workdir: Path) -> dict[str, str]:
+    """Prefect server settings: its own database, no analytics, CORS for its own origin only, CSRF on."""
+    return {
+        "PREFECT_HOME": str((workdir / "prefect").resolve()),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),  # flows.guard reads it: the Host and Origin it accepts
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(allowed_origins(port)),
+        "PREFECT_SERVER_CORS_ALLOWED_METHODS": "GET,POST,PUT,PATCH,DELETE",
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",  # the Prefect client and UI fetch their token themselves
+    }
 
 
 def up(root: Path, workdir: Path, prefect_port: int, mlflow_port: int) -> dict:
@@ -87,19 +131,17 @@ def up(root: Path, workdir: Path, prefect_port: int, mlflow_port: int) -> dict:
     base_env.pop("PREFECT_API_URL", None)
     specs = {
         "prefect": (
-            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            base_env | {
-                "PREFECT_HOME": str((workdir / "prefect").resolve()),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-            },
+            prefect_command(prefect_port),
+            base_env | prefect_env(prefect_port, workdir),
             f"http://127.0.0.1:{prefect_port}/api/health",
             f"http://127.0.0.1:{prefect_port}",
         ),
         "mlflow": (
             [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
              "--artifacts-destination", str(root / "mlruns" / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--allowed-hosts", ",".join(allowed_hosts(mlflow_port)),
+             "--cors-allowed-origins", ",".join(allowed_origins(mlflow_port))],
             base_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
             f"http://127.0.0.1:{mlflow_port}/health",
             f"http://127.0.0.1:{mlflow_port}",
