@@ -103,7 +103,25 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {name} is missing")
         if sha256_file(file) != digest:
             raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST}")
+        if name.endswith(".safetensors") and not is_safetensors(file):
+            raise CheckpointError(f"{path}: {name} is not a safetensors file (refused unread)")
     return json.loads((path / STATE).read_text())
+
+
+def is_safetensors(file: Path) -> bool:
+    """Whether ``file`` starts like a safetensors file: a little-endian length, then that many bytes of JSON
+    object header. Anything else — a pickle dressed up with a matching manifest — is never handed to a loader."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            return False
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= min(Path(file).stat().st_size - 8, 100 << 20):
+            return False
+        try:
+            return isinstance(json.loads(f.read(size)), dict)
+        except ValueError:
+            return False
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:

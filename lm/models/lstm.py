@@ -6,11 +6,21 @@ from one window to the next instead of starting every window cold.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from lm.config import LSTMConfig
 from lm.models.base import LMOutput, causal_score
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class LSTMLM(nn.Module):
@@ -43,11 +53,20 @@ class LSTMLM(nn.Module):
 
     def encode(self, tokens: torch.Tensor, state: tuple | None = None) -> torch.Tensor:
         """tokens (B, T) → top-layer hidden states (B, T, H)."""
-        hidden, _ = self.lstm(self.dropout(self.embedding(tokens)), state)
+        hidden, _ = self._recur(self.dropout(self.embedding(tokens)), state)
         return hidden
 
+    def _recur(self, x: torch.Tensor, state: tuple | None):
+        """The LSTM over ``x`` (B, T, E). oneDNN has no bf16 LSTM kernel on CPUs without native bf16 (AVX2
+        only): there, under bf16 autocast, the recurrence runs in fp32 and the linear layers stay in bf16."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _cpu_has_native_bf16():
+            with torch.autocast("cpu", enabled=False):
+                state = tuple(s.float() for s in state) if state is not None else None
+                return self.lstm(x.float(), state)
+        return self.lstm(x, state)
+
     def forward(self, tokens: torch.Tensor, state: tuple | None = None) -> LMOutput:
-        hidden, state = self.lstm(self.dropout(self.embedding(tokens)), state)  # (B, T, H)
+        hidden, state = self._recur(self.dropout(self.embedding(tokens)), state)  # (B, T, H)
         logits = self.head(self.projection(self.dropout(hidden)))  # (B, T, V)
         return LMOutput(logits, state)
 
