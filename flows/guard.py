@@ -71,3 +71,11 @@ def create_app():
 
     port = int(os.environ["PREFECT_SERVER_API_PORT"])
     return LoopbackGuard(prefect_app(final=True), port)
+
+
+def create_api_app():
+    """The API-only server `lmp run` starts for itself (flows.prefect_server), behind the same guard: it lives
+    for one run on a random port, but a page that guessed the port still must not read or change runs."""
+    from prefect.server.api.server import create_app as prefect_app
+
+    return LoopbackGuard(prefect_app(), int(os.environ["PREFECT_SERVER_API_PORT"]))

@@ -26,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flows.guard import allowed_origins
+
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -61,10 +63,16 @@ class TemporaryServer:
         app_dir = Path(next(iter(spec.submodule_search_locations))).parent
         command = [
             sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
-            "--factory", "prefect.server.api.server:create_app",
+            "--factory", "flows.guard:create_api_app",  # Prefect's app behind the loopback Host/Origin guard
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
-        env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = os.environ | {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_API_PORT": str(self.port),
+            "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(allowed_origins(self.port)),
+        }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

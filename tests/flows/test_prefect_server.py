@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import urllib.error
 import urllib.request
+
+import pytest
 
 from flows import prefect_server
 
@@ -40,6 +43,14 @@ def test_the_server_starts_answers_and_stops_with_its_environment(tmp_path, monk
         server.ready()
         with urllib.request.urlopen(f"{server.api_url}/health", timeout=5) as response:
             assert response.status == 200
+        # a web page that guessed the port: a foreign Origin or a rebound Host is refused before Prefect sees it
+        for header, value in (("Origin", "http://evil.example"), ("Host", f"evil.example:{server.port}")):
+            request = urllib.request.Request(f"{server.api_url}/flow_runs/filter", data=b"{}", method="POST")
+            request.add_header(header, value)
+            request.add_header("Content-Type", "application/json")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == 403, header
     finally:
         server.stop()
     assert server.process.poll() is not None
