@@ -72,8 +72,8 @@ def main() -> None:
         m = lambda key, r=r: r.get(f"metrics.{key}", float("nan"))  # noqa: E731
         print(
             f"| {name} | {r.get('tags.lmp.init_model') or 'scratch'} | {m('val_macro_f1'):.4f} | "
-            f"{m('val_accuracy'):.4f} | {m('val_baseline_macro_f1'):.4f} | {m('val_baseline_accuracy'):.4f} | "
-            f"{m('wall_seconds'):.0f} |"
+            f"{m('val_label_accuracy'):.4f} | {m('val_baseline_macro_f1'):.4f} | "
+            f"{m('val_baseline_label_accuracy'):.4f} | {m('wall_seconds'):.0f} |"
         )
 
 

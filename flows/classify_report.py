@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -14,10 +15,12 @@ from mlflow.tracking import MlflowClient
 
 from flows import tracking
 from flows.report import _png_image, card_parts, loss_curve_png
+from lm.metrics import METRICS
 
 HEADLINE = (
-    "val_macro_f1", "val_accuracy", "val_baseline_macro_f1", "val_baseline_accuracy", "val_loss", "val_macro_precision",
-    "val_macro_recall", "test_macro_f1", "test_accuracy", "test_baseline_macro_f1",
+    "val_macro_f1", "val_label_accuracy", "val_baseline_macro_f1", "val_baseline_label_accuracy",
+    "val_loss_per_example", "val_macro_precision", "val_macro_recall", "test_macro_f1", "test_label_accuracy",
+    "test_baseline_macro_f1",
 )  # fmt: skip
 
 
@@ -100,10 +103,20 @@ def predictions_text(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def metric_rows(metrics: Mapping[str, float]) -> str:
+    """The card's headline metrics with their units from the one metric table (finite values only)."""
+    return "\n".join(
+        f"| {k} | {metrics[k]:.4f} | {METRICS[k].unit} |"
+        for k in HEADLINE
+        if k in metrics and math.isfinite(metrics[k])
+    )
+
+
 def model_card(spec, run_id: str, encoded: Mapping, trained: Mapping, evaluated: Mapping, registered: Mapping,
                init: Mapping | None) -> str:  # fmt: skip
     model, metrics = encoded["model"], evaluated["metrics"]
-    shape, rows, gate = card_parts(model, metrics, HEADLINE, registered)
+    shape, _, gate = card_parts(model, metrics, HEADLINE, registered)
+    rows = metric_rows(metrics)
     classes = "\n".join(
         f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} |"
         for r in per_class(metrics, evaluated["labels"])
@@ -136,8 +149,8 @@ def model_card(spec, run_id: str, encoded: Mapping, trained: Mapping, evaluated:
 
 Baseline: always the most frequent training class, on the same split.
 
-| metric | value |
-|---|---|
+| metric | value | unit |
+|---|---|---|
 {rows}
 
 ## Per class (validation)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -19,45 +20,126 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flows import cli_models, cli_servers
+from flows import gc as gc_command
 from flows.cli_models import fail
 from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
 from lm.errors import DataError
+from lm.metrics import METRICS as METRIC_TABLE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
 console = Console()
 err = Console(stderr=True)
 WORK_DIR = Path(".lmp")
-SUMMARY_METRICS = {
-    "val_macro_f1": ("macro-F1", "(validation)"),
-    "val_accuracy": ("accuracy", "(validation)"),
-    "val_baseline_macro_f1": ("majority-class macro-F1", "(validation baseline)"),
-    "val_loss": ("validation loss", "nats/token"),
-    "val_bpc": ("bits per char", ""),
-    "val_mlm_loss": ("masked-token loss", "nats/token (validation)"),
-}
+SUMMARY_METRICS = (
+    "val_macro_f1",
+    "val_label_accuracy",
+    "val_baseline_macro_f1",
+    "val_loss",
+    "val_bpc",
+    "val_mlm_loss",
+)
+"""Rows of the run summary, when the run logged them; labels and units come from lm.metrics."""
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
+OverrideOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--override",
+        "-o",
+        metavar="KEY=VALUE",
+        help="Set a key of the pipeline's config for this command, e.g. -o train.max_steps=200 (repeatable).",
+    ),
+]
 _options = {"verbose": False}
+# MLflow's switches for output that tells an `lmp` user nothing: tqdm bars for local artifact copies, the
+# "View run … at …" lines at the end of every run on a server (the summary prints the run's page), and its INFO
+# log lines (new database tables, "Skip logging GPU metrics", system-metrics start/stop). A value the user set
+# wins; --verbose keeps MLflow's INFO lines.
+QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"lmp {version('lm-pipelines')}", markup=False, highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
 def _global_options(
     verbose: Annotated[
-        bool, typer.Option("--verbose", help="Show an error's traceback, not only its message.")
+        bool,
+        typer.Option("--verbose", help="Show tracebacks and Prefect's and MLflow's own log lines (or LMP_DEBUG=1)."),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print lmp's version and exit.")
     ] = False,
 ) -> None:
-    _options["verbose"] = verbose
+    _options["verbose"] = verbose or os.environ.get("LMP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    quiet = QUIET_MLFLOW if _options["verbose"] else QUIET_MLFLOW | {"MLFLOW_LOGGING_LEVEL": "WARNING"}
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)  # before MLflow is imported: it reads its logging level then
 
 
-def _load(config: Path) -> PipelinesFile:
+class _EngineChatter(logging.Filter):
+    """What Prefect's engine says on the console about each flow and task run: "Beginning flow run", "View at
+    <URL>", "Finished in state Completed()", and a failure with its traceback twice (task, then flow). `lmp`
+    shows progress and the summary, and reports an error itself (one line, the traceback with --verbose), so
+    the console drops those records — the Prefect API still receives every one. The engine's warnings stay, a
+    retry notice stays (as one line), and so does every line the pipeline logs itself (stage reports, resume
+    and training-slot notices)."""
+
+    def __init__(self, prefect_dir: str):
+        super().__init__()
+        self.prefect_dir = prefect_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        if not record.pathname.startswith(self.prefect_dir):
+            return True  # the pipeline's own line
+        if record.levelno < logging.ERROR:
+            return record.levelno >= logging.WARNING
+        if " - Retry " in record.getMessage():  # the console handler runs last: the API already has the traceback
+            record.exc_info, record.exc_text = None, None
+            return True
+        return False
+
+
+def _quiet_prefect() -> None:
+    """Prefect's console without the engine's chatter (see ``_EngineChatter``); --verbose keeps everything."""
+    if _options["verbose"]:
+        return
+    import prefect
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for worker in ("EventsWorker", "APILogWorker"):  # "Still processing items: …" while draining at exit
+        logging.getLogger(worker).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _EngineChatter) for f in handler.filters
+        ):
+            handler.addFilter(_EngineChatter(str(Path(prefect.__file__).parent)))
+
+
+def _user_error(error: BaseException, code: int = 2) -> typer.Exit:
+    """One ``error:`` line for an error in the user's input or environment (the traceback with --verbose)."""
+    if _options["verbose"]:
+        err.print_exception(show_locals=False)
+    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path, pipeline: str | None = None, overrides: list[str] | None = None) -> PipelinesFile:
     try:
-        return load_pipelines(config)
+        return load_pipelines(config, overrides=overrides or (), pipeline=pipeline)
     except ConfigError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def _spec(config: Path, name: str | None) -> PipelineSpec:
-    pipelines = _load(config)
+def _spec(config: Path, name: str | None, overrides: list[str] | None = None) -> PipelineSpec:
+    pipelines = _load(config, name, overrides)
     try:
         return pipelines.get(name)
     except KeyError as e:
@@ -66,15 +148,39 @@ def _spec(config: Path, name: str | None) -> PipelineSpec:
 
 
 def _progress_listener(progress: Progress, spec: PipelineSpec):
-    bar = progress.add_task("train", total=spec.train.max_steps, loss=float("nan"), rate=0.0)
+    """Training's metric rows → the progress bar, which appears with the first training loss (no bar stuck at
+    "step 0 loss nan" when a run ends before training)."""
+    bars: list = []
 
     def listener(step: int, metrics) -> None:
-        fields = {}
-        if "train_loss" in metrics:
-            fields = {"loss": metrics["train_loss"], "rate": metrics["tokens_per_second"]}
-        progress.update(bar, completed=step, **fields)
+        if "train_loss" not in metrics:
+            if bars:
+                progress.update(bars[0], completed=step)
+            return
+        fields = {"loss": metrics["train_loss"], "rate": metrics.get("tokens_per_second", 0.0)}
+        if not bars:
+            bars.append(progress.add_task("train", total=spec.train.max_steps, **fields))
+            progress.start()
+        progress.update(bars[0], completed=step, **fields)
 
     return listener
+
+
+@contextmanager
+def _progress(columns: list) -> Iterator[Progress]:
+    """A progress display that starts with its first bar (the listener adds it) and vanishes when the run ends
+    in an error or a stop: the message says where it ended, a frozen bar would only repeat it."""
+    progress = Progress(*columns, console=console, transient=False)
+    try:
+        yield progress
+    except BaseException:
+        progress.live.transient = True
+        for task in progress.task_ids:
+            progress.update(task, visible=False)
+        progress.live.stop()  # not Progress.stop(): on a non-terminal that prints an empty line
+        raise
+    if progress.live.is_started:
+        progress.stop()
 
 
 def _heartbeats(enabled: bool):
@@ -92,11 +198,12 @@ def run(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
     config: ConfigOption = Path("pipelines.yaml"),
     fresh: Annotated[bool, typer.Option("--fresh", help="Do not resume an interrupted run; start a new one.")] = False,
+    overrides: OverrideOption = None,
 ) -> None:
     """Run one pipeline end to end: ingest, tokenize, train, evaluate, register.
 
     An interrupted earlier run of the same pipeline resumes from its newest valid checkpoint."""
-    spec = _spec(config, pipeline)
+    spec = _spec(config, pipeline, overrides)
     from flows import prefect_server
 
     # Boot Prefect's temporary API server (≈ 5 s) while the imports below run (≈ 4 s).
@@ -104,11 +211,13 @@ def run(
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: 1.7 s, better paid here)
 
     from flows import tracking
-    from flows.pipeline import lm_pipeline  # imported late: prefect, mlflow and torch start-up is not free
+    from flows.pipeline import lm_pipeline, stopped_message  # imported late: prefect, mlflow and torch cost
+    from flows.prefect_links import mlflow_run_link
     from flows.resume import STOP
     from flows.torchrun import RankFailed
     from lm.training import TrainingInterrupted
 
+    _quiet_prefect()
     uri = tracking.configure(Path.cwd(), write=True)
     if server is not None:
         try:
@@ -126,50 +235,59 @@ def run(
         TimeRemainingColumn(),
     ]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with _progress(columns) as progress:
             with tracking.listening(_progress_listener(progress, spec)), _heartbeats(server is None):
                 result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()), fresh=fresh)
-    except DataError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except RankFailed as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except tracking.TrackingUnavailable as e:  # the tracking server stayed away: stopped at a checkpoint
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    except (DataError, ConfigError) as e:  # bad input, a refused resume, a missing model: the user's to fix
+        raise _user_error(e) from None
+    except (RankFailed, tracking.TrackingUnavailable) as e:  # a rank died; the tracking server stayed away
+        raise _user_error(e, code=1) from None
     except TrainingInterrupted as e:
-        err.print(f"stopped: {escape(str(e))}. Run the same command again to resume.", highlight=False, soft_wrap=True)
+        err.print(escape(stopped_message(e)), highlight=False, soft_wrap=True)
         raise typer.Exit(128 + (STOP.signal or signal.SIGTERM)) from None
-    wall = time.perf_counter() - started
-    metrics = result["metrics"]
+    console.print(_summary(spec, result, time.perf_counter() - started, uri))
+    console.print(f"view the run: {mlflow_run_link(result['run_id'])}", highlight=False, soft_wrap=True)
+    console.print("[bold]sample[/bold]")
+    console.print(result["sample"], markup=False, highlight=False)
+
+
+def _summary(spec: PipelineSpec, result: dict, wall: float, uri: str) -> Table:
+    """The run in a few rows: headline metrics, time, stages, what the gate decided and where to look."""
+    from flows.promotion import verdict
+
+    metrics, registered = result["metrics"], result["registered"]
     table = Table(title=f"{spec.name}: done", show_header=False)
-    for key, (label, unit) in SUMMARY_METRICS.items():
+    for key in SUMMARY_METRICS:
         if key in metrics:
-            unit = "nats/example" if key == "val_loss" and "val_macro_f1" in metrics else unit
-            table.add_row(label, f"{metrics[key]:.4f} {unit}".rstrip())
+            m = METRIC_TABLE[key]
+            table.add_row(m.label, f"{metrics[key]:.4f} {m.unit}".rstrip())
     table.add_row(
         "wall time",
         f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "
         f"{result['train']['tokens_per_second']:,.0f} tokens/s)",
     )
+    if stages := result.get("stages"):
+        table.add_row("stages", ", ".join(f"{k} {'cached' if v else 'built'}" for k, v in stages.items()))
     if result.get("resumed_from_step"):
         table.add_row("resumed", f"from the checkpoint at step {result['resumed_from_step']} (same MLflow run)")
-    table.add_row("registered", result["registered"]["uri"])
+    reused = "" if registered.get("created", True) else " (reused: same weights)"
+    table.add_row("registered", f"{registered['uri']}{reused}")
+    table.add_row(
+        "gate", verdict(registered.get("decision"), registered["version"], created=registered.get("created", True))
+    )
     table.add_row("MLflow run", f"{result['run_id']} in {uri}")
-    console.print(table)
-    console.print("[bold]sample[/bold]")
-    console.print(result["sample"], markup=False, highlight=False)
+    return table
 
 
 @app.command()
 def sweep(
     pipeline: Annotated[str, typer.Argument(help="Pipeline with a `sweep:` section.")],
     config: ConfigOption = Path("pipelines.yaml"),
+    overrides: OverrideOption = None,
 ) -> None:
     """Run the pipeline's hyperparameter sweep on a Dask cluster: a live table of the trials, then the
     ranking; the best trial's model is registered and gated."""
-    spec = _spec(config, pipeline)
+    spec = _spec(config, pipeline, overrides)
     if spec.sweep is None:
         raise fail(f"pipeline {spec.name!r} has no `sweep:` section; add one (see README, Scaling out)")
     from flows import prefect_server
@@ -178,6 +296,7 @@ def sweep(
     from flows import sweep as sweeping
     from flows import tracking
 
+    _quiet_prefect()
     tracking.configure(Path.cwd(), write=True)
     if server is not None:
         server.ready()
@@ -205,11 +324,17 @@ def sweep(
 def plan(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
     config: ConfigOption = Path("pipelines.yaml"),
+    overrides: OverrideOption = None,
 ) -> None:
     """Say, without running anything, which stages the next run reuses from cache and why the others run."""
     from lm.plan import plan as make_plan
 
-    spec = _spec(config, pipeline)
+    spec = _spec(config, pipeline, overrides)
+    from flows import tracking
+    from flows.resume import pending_resume
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(Path.cwd())
+    resume = pending_resume(spec, WORK_DIR, uri)  # reads the store only: nothing is started, marked or created
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "status", "reason"):
         table.add_column(column)
@@ -217,12 +342,13 @@ def plan(
         from lm.plan import plan_classification
 
         steps = plan_classification(
-            spec.name, spec.data, init_from=spec.init_from, workdir=WORK_DIR, base_dir=Path.cwd()
+            spec.name, spec.data, init_from=spec.init_from, workdir=WORK_DIR, base_dir=Path.cwd(), resume=resume
         )
     else:
-        steps = make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd())
+        steps = make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd(), resume=resume)
     for step in steps:
-        status = "[green]cached[/green]" if step.status == "cached" else "[yellow]run[/yellow]"
+        color = {"cached": "green", "refused": "red"}.get(step.status, "yellow")
+        status = f"[{color}]{step.status}[/{color}]"
         table.add_row(step.stage, status, step.reason)
     console.print(table)
 
@@ -248,54 +374,13 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     console.print(table)
 
 
-@app.command()
-def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you add auth.")] = "127.0.0.1",
-) -> None:
-    """Start the MLflow UI on the embedded store and print its address (Ctrl-C stops it)."""
-    from flows import tracking
-
-    uri = tracking.configure(Path.cwd())
-    args = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    if artifacts := tracking.artifact_location(uri):
-        args += ["--default-artifact-root", artifacts]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    console.print(f"MLflow UI for {uri} at [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
-    proc = subprocess.Popen(args, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too, not only Ctrl-C
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if proc.poll() is None:
-            proc.terminate()  # mlflow's workers exit a few seconds after their parent: wait for them
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 for _command in (cli_models.compare, cli_models.models, cli_models.promote, cli_models.rollback, cli_models.generate):
     app.command()(_command)
 app.command()(cli_servers.up)
 app.command()(cli_servers.down)
 app.command()(cli_servers.schedule)
+app.command()(cli_servers.ui)
+app.command()(gc_command.gc)
 
 
 def _report_error(error: Exception) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,30 +19,47 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lm.metrics import HEADLINE, METRICS, PER_TASK_OBJECTIVE, RENAMED, TASKS, describe, metric
+
 console = Console()
 err = Console(stderr=True)
 WORK_DIR = Path(".lmp")
 
-COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format)
+COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format); metric columns come from lm.metrics
     "pipeline": ("tags.pipeline", "{}"),
     "run": ("run_id", "{:.8}"),
     "status": ("status", "{}"),
+    "task": ("task", "{}"),  # inferred per run (_task): says which metric columns it can fill
+    "data": ("data", "{}"),  # the data digest (12 hex): runs on different data are not comparable
     "architecture": ("params.model.kind", "{}"),
     "init": ("tags.lmp.init_model", "{}"),  # classifiers: the language model version they were initialised from
     "tokenizer": ("params.tokenizer.kind", "{}"),
     "parameters": ("params.num_parameters", "{:,}"),
-    "val_bpc": ("metrics.val_bpc", "{:.4f}"),
-    "val_loss": ("metrics.val_loss", "{:.4f}"),
-    "val_mlm_loss": ("metrics.val_mlm_loss", "{:.4f}"),
-    "val_accuracy": ("metrics.val_accuracy", "{:.4f}"),  # classifiers: of labels; language models: of next tokens
-    "val_macro_f1": ("metrics.val_macro_f1", "{:.4f}"),
-    "baseline_macro_f1": ("metrics.val_baseline_macro_f1", "{:.4f}"),  # always the majority class
+}
+TAIL_COLUMNS = {
     "tokens_per_s": ("metrics.tokens_per_second", "{:,.0f}"),
     "train_s": ("metrics.wall_seconds", "{:.1f}"),
     "wall_s": ("wall_s", "{:.1f}"),  # the MLflow run, start to end
     "version": ("tags.lmp.registered_version", "{}"),
     "started": ("start_time", "{:%Y-%m-%d %H:%M}"),
 }
+COMPARE_METRICS = (  # shown by default, each task's headline first; --sort/--where add the metric they name
+    "val_bpc", "val_loss", "val_accuracy", "val_mlm_loss", "val_macro_f1", "val_label_accuracy",
+    "val_loss_per_example", "val_baseline_macro_f1",
+)  # fmt: skip
+DIGEST_CHARS = 12
+SEARCH_CAP = 5000  # runs read when --where/--sort choose among more than the most recent --limit
+WHERE = re.compile(r"^\s*(?P<key>[A-Za-z_][\w.]*)\s*(?P<op><=|>=|!=|=|<|>)\s*(?P<value>.*?)\s*$")
+OPS = {
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(@[^/]+|/\d+)/?$")
+PREFIX_COLUMNS = ("run", "data")  # `=` matches a prefix: people paste the short form the table shows
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -54,49 +73,205 @@ def _client():
 
     from flows import tracking
 
-    tracking.configure(Path.cwd())
+    tracking.configure_project()
     return MlflowClient()
 
 
-def compare_frame(pipeline: str | None, limit: int):
-    """Recent runs of one pipeline (or all), one row each, columns named as in COMPARE_COLUMNS."""
+def _task(row) -> str | None:
+    """A run's task key (lm.metrics.TASKS) from its tags, params and metrics; None when nothing says."""
+
+    def has(key):
+        value = row.get(key)
+        return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
+
+    if has("tags.task") and row["tags.task"] in TASKS:
+        return row["tags.task"]
+    if has("tags.lmp.init_from") or has("metrics.val_macro_f1") or has("metrics.val_label_accuracy"):
+        return "classification"  # every classifier run records where it started (a model URI or "scratch")
+    if row.get("params.model.kind") == "encoder" or has("metrics.val_mlm_loss"):
+        return "mlm"
+    if has("params.model.kind") or has("metrics.val_bpc"):
+        return "causal"
+    return None
+
+
+def _upgrade_renamed(runs) -> None:
+    """Classifier runs logged before metric names were unique: their `val_loss` (nats per example) and
+    `val_accuracy` (of labels) move to today's names, so a column never holds two units."""
+    classifier = runs["task"] == "classification"
+    for old, new in RENAMED.items():
+        if f"metrics.{old}" not in runs:
+            continue
+        if f"metrics.{new}" not in runs:
+            runs[f"metrics.{new}"] = math.nan
+        moved = classifier & runs[f"metrics.{new}"].isna()
+        runs.loc[moved, f"metrics.{new}"] = runs.loc[moved, f"metrics.{old}"]
+        runs.loc[classifier, f"metrics.{old}"] = math.nan
+
+
+def _parse_where(expressions: list[str]) -> list[tuple[str, str, str]]:
+    """``KEY OP VALUE`` triples (OP one of = != < <= > >=); a regular expression, never eval."""
+    parsed = []
+    for text in expressions:
+        match = WHERE.match(text)
+        if match is None:
+            raise fail(f"--where {text!r}: expected KEY OP VALUE, e.g. pipeline=smoke, status=FINISHED, val_bpc<2.5")
+        parsed.append((match["key"], match["op"], match["value"].strip("'\"")))
+    return parsed
+
+
+def _metric_names(runs) -> list[str]:
+    return [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+
+
+def compare_frame(pipeline: str | None, limit: int, where: list[str] = (), sort: str | None = None):
+    """Runs of one pipeline (or all), one row each: COMPARE_COLUMNS, the metric columns (one metric name,
+    one unit each), TAIL_COLUMNS; filtered by ``where``, newest first or by ``sort`` (in the metric's better
+    direction), at most ``limit``."""
     import mlflow
     import pandas as pd
 
+    conditions = _parse_where(list(where))
     client = _client()
     experiments = [e.name for e in client.search_experiments() if pipeline in (None, e.name)]
     if pipeline is not None and not experiments:
         raise fail(f"no runs of pipeline {pipeline!r} in {mlflow.get_tracking_uri()}")
-    runs = mlflow.search_runs(experiment_names=experiments or None, max_results=limit, order_by=["start_time DESC"])
+    many = SEARCH_CAP if conditions or sort else limit
+    runs = mlflow.search_runs(experiment_names=experiments or None, max_results=many, order_by=["start_time DESC"])
+    wanted = [m for m in dict.fromkeys([*COMPARE_METRICS, *([sort] if sort else []), *(k for k, _, _ in conditions)])]
+    if sort is not None:
+        _check_sort_name(sort, runs)
     if runs.empty:
-        return pd.DataFrame(columns=list(COMPARE_COLUMNS))
+        return pd.DataFrame(columns=[*COMPARE_COLUMNS, *(m for m in wanted if m in METRICS), *TAIL_COLUMNS])
     runs["wall_s"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds()
-    frame = pd.DataFrame({name: runs[src] if src in runs else None for name, (src, _) in COMPARE_COLUMNS.items()})
+    runs["task"] = [_task(row) for row in runs.to_dict("records")]
+    _upgrade_renamed(runs)
+    runs["data"] = runs["tags.data_digest"].str[:DIGEST_CHARS] if "tags.data_digest" in runs else None
+    metrics = [m for m in wanted if m in METRICS and f"metrics.{m}" in runs and runs[f"metrics.{m}"].notna().any()]
+    columns = {**COMPARE_COLUMNS, **{m: (f"metrics.{m}", "{:.4f}") for m in metrics}, **TAIL_COLUMNS}
+    frame = pd.DataFrame({name: runs[src] if src in runs else None for name, (src, _) in columns.items()})
     frame["parameters"] = pd.to_numeric(frame["parameters"], errors="coerce").astype("Int64")
+    frame = _filter(frame, conditions)
+    if sort is not None:
+        frame = _sort(frame, sort)
+    frame = frame.head(limit).reset_index(drop=True)
+    frame["task"] = frame["task"].map(lambda t: TASKS.get(t, t) if isinstance(t, str) else None)
     return frame
+
+
+def _filter(frame, conditions: list[tuple[str, str, str]]):
+    """Rows meeting every ``KEY OP VALUE``: numbers compared as numbers, text with = and != only."""
+    import pandas as pd
+
+    for key, op, value in conditions:
+        if key not in frame:
+            known = [c for c in frame.columns if c not in ("started",)]
+            if key in METRICS:  # a known metric no run here logged: nothing matches
+                return frame.iloc[0:0]
+            raise fail(f"--where {key}{op}{value}: no column {key!r}; columns: {', '.join(known)}")
+        column = frame[key]
+        if key in METRICS or key in ("parameters", "tokens_per_s", "train_s", "wall_s", "version"):
+            try:
+                number = float(value)
+            except ValueError:
+                raise fail(f"--where {key}{op}{value}: {value!r} is not a number ({key} is a number)") from None
+            numbers = pd.to_numeric(column, errors="coerce")
+            frame = frame[numbers.notna() & OPS[op](numbers, number)]
+        elif op in ("=", "!="):
+            text = column.fillna("").astype(str)
+            if key in PREFIX_COLUMNS:
+                hit = text.str.startswith(value) & (value != "")
+            elif key == "task":  # "classifier" or "classification"
+                keys = {k: k for k in TASKS} | {v: k for k, v in TASKS.items()}
+                hit = text == keys.get(value, value)
+            else:
+                hit = text.str.lower() == value.lower() if key == "status" else text == value
+            frame = frame[hit if op == "=" else ~hit]
+        else:
+            raise fail(f"--where {key}{op}{value}: {key} is text; compare it with = or !=")
+    return frame
+
+
+def _check_sort_name(sort: str, runs) -> None:
+    """Refuse a --sort on a name outside the unit table or without a better direction."""
+    found = metric(sort)
+    if found is None or found.better is None:
+        there = [m for m in _metric_names(runs) if metric(m) and metric(m).better] if not runs.empty else []
+        names = ", ".join(sorted(set(there) | set(COMPARE_METRICS)))
+        raise fail(f"--sort {sort}: not a metric with a better direction; try one of: {names}")
+
+
+def _sort(frame, sort: str):
+    """Best first in the unit table's direction; runs without the metric last. Refuses runs of tasks that do
+    not log ``sort`` (their blanks would read as 'worst')."""
+    found = metric(sort)
+    tasks = set(frame["task"].dropna())
+    if sort in PER_TASK_OBJECTIVE and len(tasks) > 1:
+        raise fail(f"--sort {sort}: its unit depends on the task and these runs are of several; add --where task=…")
+    others = sorted(TASKS[t] for t in tasks - set(found.tasks))
+    if others:
+        count = int(frame["task"].isin(tasks - set(found.tasks)).sum())
+        raise fail(
+            f"--sort {sort}: {count} of these {len(frame)} runs ({' and '.join(others)}) do not log it — it is "
+            f"{describe(sort)}; narrow them with --where task={TASKS[found.tasks[0]]} or a pipeline name"
+        )
+    if sort not in frame:
+        return frame
+    return frame.sort_values(sort, ascending=found.better == "min", na_position="last", kind="stable")
 
 
 def compare(
     pipeline: Annotated[str | None, typer.Argument(help="Only this pipeline's runs (default: all).")] = None,
-    limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 20,
+    limit: Annotated[int, typer.Option(help="Most runs to show.")] = 20,
+    sort: Annotated[
+        str | None,
+        typer.Option("--sort", metavar="METRIC", help="Best first by this metric (lower or higher: its unit)."),
+    ] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            metavar="EXPR",
+            help="Only runs with KEY OP VALUE (OP: = != < <= > >=), e.g. status=FINISHED, val_bpc<2.5, "
+            "data=1a2b (a digest prefix), task=classifier; repeat to AND.",
+        ),
+    ] = None,
     format: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")] = "table",
 ) -> None:
-    """Recent runs side by side: architecture, size, bits per char (classifiers: init model, accuracy, macro-F1
-    and the majority baseline), speed, wall time, registered version."""
-    frame = compare_frame(pipeline, limit)
+    """Runs side by side: status, task, data digest, architecture, size, each task's metrics in their own
+    columns (one metric name, one unit), speed, wall time, registered version. Newest first unless --sort."""
+    frame = compare_frame(pipeline, limit, where or [], sort)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
         return
     if format == "json":
         typer.echo(frame.to_json(orient="records", date_format="iso"))
         return
+    formats = {**{c: f for c, (_, f) in COMPARE_COLUMNS.items()}, **{c: f for c, (_, f) in TAIL_COLUMNS.items()}}
     table = Table(title=f"runs of {pipeline}" if pipeline else "recent runs", show_lines=False)
-    shown = [c for c in COMPARE_COLUMNS if frame[c].notna().any()] if len(frame) else list(COMPARE_COLUMNS)
+    shown = [c for c in frame.columns if frame[c].notna().any()] if len(frame) else list(frame.columns)
     for column in shown:
-        table.add_column(column, justify="right" if column not in ("pipeline", "run", "status") else "left")
+        table.add_column(column, justify="left" if column in ("pipeline", "run", "status", "task", "data") else "right")
     for _, row in frame.iterrows():
-        table.add_row(*(_cell(row[c], COMPARE_COLUMNS[c][1]) for c in shown))
-    Console(width=max(console.width, 200) if not console.is_terminal else None).print(table)
+        table.add_row(*(_cell(row[c], formats.get(c, "{:.4f}")) for c in shown))
+    out = _wide()
+    out.print(table)
+    for line in _footnotes(frame, [c for c in shown if c in METRICS]):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _footnotes(frame, metric_columns: list[str]) -> list[str]:
+    """Each metric column's unit, direction and task; pipelines whose runs saw different data."""
+    lines = [f"  {describe(m)}" for m in metric_columns]
+    if len(frame) and frame["data"].notna().any():
+        for name, runs in frame.groupby("pipeline"):
+            digests = sorted(set(runs["data"].dropna()))
+            if len(digests) > 1:
+                lines.append(
+                    f"  note: {name}'s runs are on {len(digests)} data digests ({', '.join(digests)}): "
+                    "their metrics are comparable only within one digest"
+                )
+    return lines
 
 
 def _cell(value, fmt: str) -> str:
@@ -129,7 +304,7 @@ def models(
         headline = ""
         if "champion" in found.aliases:
             tags = client.get_model_version(found.name, str(found.aliases["champion"])).tags
-            key = next((k for k in ("val_bpc", "val_macro_f1", "val_mlm_loss") if k in tags), "val_bpc")
+            key = next((k for k in HEADLINE.values() if k in tags), "val_bpc")
             headline = f"{key} {tags.get(key, '?')}"
         aliases = {a: int(v) for a, v in sorted(found.aliases.items(), key=lambda kv: kv[0])}
         rows.append({"model": found.name, "versions": len(versions), "aliases": aliases, "champion_metric": headline})
@@ -147,12 +322,38 @@ def models(
 
 def _registered_models(client, model: str | None) -> list:
     """Every registered model, or just ``model`` (an unknown name is a clear error)."""
-    import mlflow
+    if model is not None:
+        _require_model(client, model)
+    return [m for m in _all_registered(client) if model in (None, m.name)]
 
-    found = [m for m in client.search_registered_models() if model in (None, m.name)]
-    if model is not None and not found:
-        raise fail(f"no registered model {model!r} in {mlflow.get_tracking_uri()} (see `lmp models`)")
-    return found
+
+def _all_registered(client) -> list:
+    """Every registered model in the store (all pages)."""
+    found, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=1000, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _require_model(client, name: str) -> None:
+    """Refuse a registered model name the store does not have, listing the ones it has (exit 2)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # an unreachable store is not "no such model"
+            raise
+    names = sorted(m.name for m in _all_registered(client))
+    if not names:
+        raise fail(f"no registered model {name!r}; {mlflow.get_tracking_uri()} has none yet (`lmp run` registers one)")
+    shown = ", ".join(names[:30]) + (f" … ({len(names)} in all)" if len(names) > 30 else "")
+    raise fail(f"no registered model {name!r}; the models are: {shown}")
 
 
 HISTORY_COLUMNS = ("model", "version", "when", "event", "who", "challenger", "champion", "forced", "reason", "detail")
@@ -200,14 +401,17 @@ def _side(row: dict, side: str) -> str:
 
 
 def _promote_config(name: str, version_tags: dict, config: Path):
-    """The gate of pipeline ``name`` in the config file, else the default gate for the version's metrics."""
+    """The gate of pipeline ``name`` in the config file, else the default gate of the version's task: its
+    headline metric in the unit table's direction."""
     from flows.config import ConfigError, PromoteConfig, load_pipelines
 
     try:
         return load_pipelines(config).get(name)
     except (ConfigError, KeyError, OSError):
-        metric = "val_bpc" if "val_bpc" in version_tags else "val_mlm_loss"
-        return PromoteConfig(metric=metric)
+        task = next((t for t, m in HEADLINE.items() if m in version_tags), "causal")
+        if version_tags.get("task") == "classification":
+            task = "classification"
+        return PromoteConfig(metric=HEADLINE[task], mode=METRICS[HEADLINE[task]].better)
 
 
 def promote(
@@ -225,6 +429,7 @@ def promote(
     from flows.config import ClassifierSpec, PipelineSpec
 
     client = _client()
+    _require_model(client, model)
     target = (
         promotion.alias_version(client, model, "challenger")
         if version is None
@@ -266,8 +471,10 @@ def rollback(
     """Make @previous the @champion again (recorded in both versions' promotion history)."""
     from flows import promotion
 
+    client = _client()
+    _require_model(client, model)
     try:
-        restored, demoted = promotion.rollback(_client(), model, reason=reason)
+        restored, demoted = promotion.rollback(client, model, reason=reason)
     except LookupError as e:
         raise fail(str(e)) from None
     except promotion.PromotionConflict as e:
@@ -291,7 +498,10 @@ def generate(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    _client()
+    client = _client()
+    registered = MODEL_URI.match(model_uri)
+    if registered:  # models:/NAME@ALIAS or models:/NAME/VERSION: an unknown NAME lists the models there are
+        _require_model(client, registered["name"])
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     try:
         loaded = mlflow.pyfunc.load_model(model_uri)

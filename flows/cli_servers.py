@@ -1,8 +1,12 @@
-"""`lmp up`, `lmp down`, `lmp schedule`: local servers and scheduled runs (registered on `lmp` by flows.cli)."""
+"""`lmp up`, `lmp down`, `lmp schedule`, `lmp ui`: local servers and scheduled runs (registered on `lmp` by
+flows.cli)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +28,8 @@ def up(
     except servers.ServersError as e:
         raise fail(str(e)) from None
     console.print(f"Prefect UI  [bold]{state['servers']['prefect']['url']}[/bold]")
-    console.print(f"MLflow UI   [bold]{state['servers']['mlflow']['url']}[/bold]")
+    mlflow_server = state["servers"]["mlflow"]
+    console.print(f"MLflow UI   [bold]{mlflow_server.get('ui', mlflow_server['url'])}[/bold]", soft_wrap=True)
     console.print("Point clients at them (lmp schedule reads them from .lmp/servers.json by itself):")
     for key, value in state["env"].items():
         console.print(f"  export {key}={value}", markup=False, highlight=False)
@@ -92,3 +97,40 @@ def schedule(
     deployments = scheduling.deployments([file.pipelines[n] for n in names])
     console.print(f"serving {', '.join(names)} against {env['PREFECT_API_URL']} (Ctrl-C to stop)")
     serve(*deployments, pause_on_shutdown=pause_on_exit, print_starting_message=False, limit=limit)
+
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you add auth.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the embedded store and print its address (Ctrl-C stops it)."""
+    from flows import servers
+
+    if not servers.port_free(port):  # checked before anything starts: the URL would serve someone else
+        raise fail(f"port {port} is in use (another MLflow UI, or `lmp up`?); pick a free one with --port")
+    from flows import tracking  # imports MLflow (seconds): only once the port is known to be free
+
+    uri = tracking.configure_project()
+    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    args += ["--host", host, "--port", str(port), "--workers", "1"]
+    if uri.startswith("sqlite:///"):  # the same artifact locations as `lmp run` and `lmp up` (one store)
+        args += [*servers.store_artifact_args(Path(uri.removeprefix("sqlite:///"))), "--serve-artifacts"]
+    elif artifacts := tracking.artifact_location(uri):
+        args += ["--default-artifact-root", artifacts]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    address = tracking.ui_url(f"http://{host}:{port}")
+    console.print(f"MLflow UI for {uri} at [bold]{address}[/bold] (Ctrl-C to stop)", soft_wrap=True)
+    proc = subprocess.Popen(args, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too, not only Ctrl-C
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # mlflow's workers exit a few seconds after their parent: wait for them
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -8,13 +8,15 @@ before anything is built, so a few hundred bytes of nested anchors cannot expand
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lm.classification.config import HeadConfig, LabelledData
 from lm.config import (
@@ -28,6 +30,7 @@ from lm.config import (
     TokenizerConfig,
     TrainConfig,
 )
+from lm.metrics import GATE_METRICS as METRICS
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_FILE_BYTES = 1 << 20
@@ -42,15 +45,10 @@ class ConfigError(ValueError):
 
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
-        listing = "\n".join(f"  - {p}" for p in problems)
+        listing = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)  # a YAML caret keeps its column
         super().__init__(f"{source}: {len(problems)} problem(s):\n{listing}")
 
 
-METRICS = {
-    "causal": ("val_bpc", "val_loss", "val_perplexity"),
-    "mlm": ("val_mlm_loss", "val_mlm_perplexity"),
-    "classification": ("val_macro_f1", "val_accuracy", "val_loss"),
-}
 TASKS = ("language-model", "classification")
 INIT_URI = re.compile(r"^models:/(?P<name>[a-z0-9][a-z0-9._-]{0,62})(@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -510,8 +508,148 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in parts) or "(top level)"
 
 
-def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:
-    """Validate YAML text; raises ConfigError listing every problem."""
+def _yaml_error(e: yaml.YAMLError, text: str) -> str:
+    """A YAML syntax error as ``line L, column C: not valid YAML: …`` followed by the source line and a caret
+    under the column (PyYAML's own message repeats the snippet with its own indentation)."""
+    mark = getattr(e, "problem_mark", None)
+    if not isinstance(e, yaml.MarkedYAMLError) or mark is None:
+        return f"not valid YAML: {e}".replace("\n", " ")
+    problem = " ".join((e.problem or "").split())
+    context = (
+        e.context
+        and e.context_mark
+        and f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    )
+    lines = text.splitlines()
+    source = lines[mark.line] if mark.line < len(lines) else ""
+    start = max(0, mark.column - 80)  # a very long line is shown around the column
+    shown = source[start : start + 160].replace("\t", " ")
+    return (
+        f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}{context or ''}\n"
+        f"  {shown}\n  {' ' * (mark.column - start)}^"
+    )
+
+
+def _members(annotation: object) -> list[object]:
+    """The types an annotation allows, with Annotated, unions and Optional unwrapped."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _models(kinds: list[object]) -> list[type[BaseModel]]:
+    return [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+
+
+def _step(kinds: list[object], part: object) -> list[object]:
+    """The types at ``part`` below ``kinds`` (a field name, a dict key, a list index or a union tag)."""
+    models = _models(kinds)
+    if any(part in m.model_fields for m in models):
+        return [t for m in models if part in m.model_fields for t in _members(m.model_fields[part].annotation)]
+    tagged = [m for m in models if any(part in get_args(f.annotation) for f in m.model_fields.values())]
+    if tagged:  # pydantic puts a discriminated union's tag in the location: keep that member
+        return tagged
+    out = []
+    for kind in kinds:
+        if get_origin(kind) is dict:
+            out += _members(get_args(kind)[1])
+        elif get_origin(kind) in (list, tuple) and get_args(kind):
+            out += _members(get_args(kind)[0])
+    return out
+
+
+def _suggestion(loc: tuple) -> str:
+    """``; did you mean X?`` for an unknown key whose spelling is close to a field of the same section."""
+    kinds: list[object] = [PipelinesFile]
+    for part in loc[:-1]:
+        kinds = _step(kinds, part)
+    names = {name for m in _models(kinds) for name in m.model_fields}
+    close = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _problems(e: ValidationError) -> list[tuple[tuple, str, str]]:
+    """(YAML path parts, message, pydantic error type) of each error: union tags and validator names left out
+    of the path; an unknown key's message suggests the close one."""
+    out = []
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        path = _location(loc)
+        parts = tuple(path.split(".")) if path != "(top level)" else ()
+        message = err["msg"] + (_suggestion(loc) if err["type"] == "extra_forbidden" else "")
+        out.append((parts, message, err["type"]))
+    return out
+
+
+def _without(raw: dict, paths: list[tuple]) -> tuple[dict, list[str]]:
+    """``raw`` with the values at ``paths`` (inside a pipeline's block) removed, copying only what changes;
+    and the names of the keys removed."""
+    removed = []
+    for path in paths:
+        if len(path) < 3 or path[0] != "pipelines":
+            continue  # the whole file or a whole block: nothing narrower to set aside
+        node, copies = raw, []
+        for key in path[:-1]:
+            if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+                break
+            copies.append((node, key))
+            node = node[key]
+        else:
+            if path[-1] not in node:
+                continue
+            parent = {k: v for k, v in node.items() if k != path[-1]}
+            for holder, key in reversed(copies):
+                parent = {**holder, key: parent}
+            raw = parent
+            removed.append(str(path[-1]))
+    return raw, removed
+
+
+def validate_file(raw: dict) -> PipelinesFile:
+    """Validate a parsed pipelines file; raises ValidationProblems listing every problem it can find.
+
+    A block's cross-field checks (pydantic model validators) only run once its fields are valid, so a
+    block with a bad field and a cross-field mistake would report only the first. Each bad value is set
+    aside (its default takes its place) and the file validated again to find the rest. A problem that
+    names a key set aside is not reported: it may come from the default, not from the file."""
+    try:
+        return PipelinesFile.model_validate(raw)
+    except ValidationError as e:
+        found = _problems(e)
+    problems = [(parts, message) for parts, message, _ in found]
+    set_aside: set[str] = set()
+    for _ in range(3):  # each round can only reveal the checks of the level above
+        raw, removed = _without(raw, [parts for parts, _, kind in found if kind != "missing"])
+        if not removed:
+            break
+        set_aside |= set(removed)
+        try:
+            PipelinesFile.model_validate(raw)
+            break
+        except ValidationError as e:
+            found = _problems(e)
+        for parts, message, _ in found:
+            named = set(re.findall(r"\w+", message)) & set_aside
+            if (parts, message) not in problems and not named:
+                problems.append((parts, message))
+    raise ValidationProblems(problems)
+
+
+class ValidationProblems(ValueError):
+    """Every problem of a pipelines file: (YAML path parts, message) pairs."""
+
+    def __init__(self, problems: list[tuple[tuple, str]]):
+        super().__init__(f"{len(problems)} problem(s)")
+        self.problems = problems
+
+
+def _listing(problems: list[tuple[tuple, str]]) -> list[str]:
+    return [f"{'.'.join(parts) or '(top level)'}: {message}" for parts, message in problems]
+
+
+def _read_yaml(text: str, source: str) -> dict:
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise ConfigError(source, [f"file is larger than {MAX_FILE_BYTES} bytes"])
     try:
@@ -519,21 +657,34 @@ def parse_pipelines(text: str, source: str = "pipelines.yaml") -> PipelinesFile:
     except YamlLimitError as e:
         raise ConfigError(source, [str(e)]) from None
     except yaml.YAMLError as e:
-        raise ConfigError(source, [f"not valid YAML: {e}".replace("\n", " ")]) from None
+        raise ConfigError(source, [_yaml_error(e, text)]) from None
     if not isinstance(raw, dict):
         raise ConfigError(source, ["expected a mapping with `default:` and `pipelines:`"])
-    try:
-        return PipelinesFile.model_validate(raw)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = [p for p in err["loc"] if not str(p).startswith("function-")]
-            problems.append(f"{_location(tuple(loc))}: {err['msg']}")
-        raise ConfigError(source, problems) from None
+    return raw
 
 
-def load_pipelines(path: Path | str = "pipelines.yaml") -> PipelinesFile:
-    """Read and validate a pipelines file."""
+def parse_pipelines(
+    text: str,
+    source: str = "pipelines.yaml",
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    pipeline: str | None = None,
+) -> PipelinesFile:
+    """Validate YAML text, with ``overrides`` (``KEY=VALUE``, dotted keys into the block of ``pipeline``, by
+    default the file's default pipeline) applied; raises ConfigError listing every problem."""
+    raw = _read_yaml(text, source)
+    if not overrides:
+        try:
+            return validate_file(raw)
+        except ValidationProblems as e:
+            raise ConfigError(source, _listing(e.problems)) from None
+    return _with_overrides(raw, source, list(overrides), pipeline)
+
+
+def load_pipelines(
+    path: Path | str = "pipelines.yaml", *, overrides: list[str] | tuple[str, ...] = (), pipeline: str | None = None
+) -> PipelinesFile:
+    """Read and validate a pipelines file, with command-line ``overrides`` applied to ``pipeline``'s block."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -541,4 +692,105 @@ def load_pipelines(path: Path | str = "pipelines.yaml") -> PipelinesFile:
         raise ConfigError(str(path), ["file not found; pass --config PATH to a pipelines.yaml"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), [f"cannot read: {e}"]) from None
-    return parse_pipelines(text, str(path))
+    return parse_pipelines(text, str(path), overrides=overrides, pipeline=pipeline)
+
+
+# ---------------------------------------------------------------- command-line overrides (-o KEY=VALUE)
+
+DOTTED = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+
+class OverrideError(ValueError):
+    """One ``-o`` option is malformed; the message starts with the option as given."""
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"train.max_steps=200"`` → (["train", "max_steps"], 200): the value read as YAML by the bounded loader."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise OverrideError(f"-o {text}: expected KEY=VALUE, e.g. -o train.max_steps=200")
+    if not DOTTED.match(key):
+        raise OverrideError(f"-o {text}: {key!r} is not a dotted key like train.max_steps")
+    try:
+        parsed = load_yaml(value)
+    except (yaml.YAMLError, YamlLimitError) as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise OverrideError(f"-o {text}: not a valid YAML value ({problem}); quote it, e.g. -o '{key}=\"…\"'") from None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if isinstance(parsed, dict) or any(isinstance(item, dict | list) for item in items):
+        what = "a mapping" if isinstance(parsed, dict) else "a nested value"
+        raise OverrideError(
+            f"-o {text}: {what} is not a plain value (a string, number, boolean or null, or a list of those); "
+            "set each leaf by its dotted key"
+        )
+    return key.split("."), parsed
+
+
+def apply_overrides(block: dict, overrides: list[str]) -> dict:
+    """A pipeline's block with ``KEY=VALUE`` overrides applied (a copy; shared anchors stay untouched).
+    Raises OverrideError naming the option when one is malformed or sets a key below a plain value."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        block = _set(block, keys, value, text)
+    return block
+
+
+def _set(node: dict, keys: list[str], value: object, text: str, above: tuple[str, ...] = ()) -> dict:
+    head, *rest = keys
+    if not rest:
+        return {**node, head: value}
+    child = node.get(head)
+    if child is None:
+        child = {}
+    if not isinstance(child, dict):
+        where = ".".join((*above, head))
+        raise OverrideError(f"-o {text}: {where} is a value, not a section; set {where} itself")
+    return {**node, head: _set(child, rest, value, text, (*above, head))}
+
+
+def _with_overrides(raw: dict, source: str, overrides: list[str], pipeline: str | None) -> PipelinesFile:
+    """Validate ``raw`` with ``overrides`` applied to one block. Problems the file has without them are listed
+    by their YAML path; the others by the option that caused them (the one whose key they are under, else all)."""
+    try:
+        base = validate_file(raw)
+        before: list[tuple[tuple, str]] = []
+    except ValidationProblems as e:
+        base, before = None, e.problems
+    name = pipeline or (base.default if base else raw.get("default"))
+    blocks = raw.get("pipelines")
+    if not isinstance(blocks, dict) or name not in blocks or not isinstance(blocks[name] or {}, dict):
+        if before:
+            raise ConfigError(source, _listing(before))
+        return base  # an unknown pipeline: `get` names the ones there are
+    bad, block = [], blocks[name] or {}
+    for text in overrides:
+        try:
+            block = apply_overrides(block, [text])
+        except OverrideError as e:
+            bad.append(str(e))
+    try:
+        checked = validate_file({**raw, "pipelines": {**blocks, name: block}})
+        if not bad:
+            return checked  # valid with the overrides (even where they mend the file)
+        after: list[tuple[tuple, str]] = []
+    except ValidationProblems as e:
+        after = e.problems
+    problems = _listing([p for p in before if p in after]) + bad
+    for parts, message in after:
+        if (parts, message) in before:
+            continue
+        inside = parts[2:] if parts[:2] == ("pipelines", name) else None
+        problems.append(_blame(inside, message, overrides) if inside is not None else _listing([(parts, message)])[0])
+    raise ConfigError(source, problems)
+
+
+def _blame(inside: tuple, message: str, overrides: list[str]) -> str:
+    """A problem inside the overridden block, as the option(s) that caused it and the path in the block."""
+    path = ".".join(inside)
+    keys = {text: tuple(text.partition("=")[0].strip().split(".")) for text in overrides}
+    mine = [t for t, k in keys.items() if inside and (k[: len(inside)] == inside or inside[: len(k)] == k)]
+    options = ", ".join(f"-o {t}" for t in (mine or overrides))
+    if message.startswith("Extra inputs are not permitted"):
+        return f"{options}: unknown key {path}{message.removeprefix('Extra inputs are not permitted')}"
+    return f"{options}: {path + ': ' if path else ''}{message}"

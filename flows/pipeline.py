@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
 from flows import classify, prefect_links, tasks, tracking
 from flows.config import ClassifierSpec, PipelineSpec, validate_spec
@@ -14,11 +15,21 @@ from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
 from lm.sources import describe
+from lm.training import TrainingInterrupted
+
+STAMP = "%Y%m%d-%H%M%S"
 
 
 def _flow_run_name() -> str:
+    """``PIPELINE-<time>`` until ingest knows the data digest (then ``PIPELINE-<digest8>-<time>``)."""
     spec = flow_run.parameters["spec"]
-    return spec["name"] if isinstance(spec, dict) else spec.name
+    return f"{spec['name'] if isinstance(spec, dict) else spec.name}-{time.strftime(STAMP)}"
+
+
+def stopped_message(stop: TrainingInterrupted) -> str:
+    """What a stop on request (Ctrl-C, SIGTERM) left and what to do next."""
+    where = f", checkpoint {stop.checkpoint}" if stop.checkpoint else ", no checkpoint"
+    return f"stopped at step {stop.step}{where}; run again to resume"
 
 
 @flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False, **tasks.RESULTS)
@@ -32,26 +43,41 @@ def lm_pipeline(
     MLflow run, unless ``fresh``. ``spec`` may be its JSON form (as a deployment stores it).
     """
     spec = validate_spec(spec)
+    try:
+        return _run(spec, workdir, base_dir, fresh)
+    except TrainingInterrupted as stop:
+        if isinstance(stop, tracking.TrackingUnavailable):  # the tracking server stayed away: a failure
+            raise
+        # A stop on request is a cancellation, not a failure. The state carries the exception: the caller of
+        # the flow gets it raised as it was (step, checkpoint), and Prefect records the run as Cancelled.
+        return Cancelled(message=stopped_message(stop), data=stop)
+
+
+def _run(spec: PipelineSpec | ClassifierSpec, workdir: str, base_dir: str, fresh: bool) -> dict:
+    """The flow's body: one tracked MLflow run around the stages (ended KILLED when training is stopped)."""
     tracking.configure(Path(base_dir))  # MLFLOW_TRACKING_URI, else the embedded store under base_dir
     resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
     if url := prefect_links.flow_run_url(str(flow_run.id)):
         tags["prefect.flow_run_url"] = url
     tags |= process_tags() | ({"lmp.resumed_from_step": str(resume.step)} if resume else {})
-    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # one naming scheme for every pipeline
-    with tracking.tracked_run(spec.name, run_name, tags, resume and resume.run_id) as run_id:
+    stamp = time.strftime(STAMP)
+    run_name = f"{spec.name}-{stamp}"  # one naming scheme for every pipeline
+    with tracking.tracked_run(
+        spec.name, run_name, tags, resume and resume.run_id, description=spec.description, base_dir=base_dir
+    ) as run_id:
         if resume is None:
             tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)))
         prefect_links.link_mlflow_run(spec.name, run_id)
         retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
         if spec.task == "classification":
             result = classify.run(spec, run_id, workdir, base_dir, resume, retry)
-            prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{result['data_digest'][:8]}")
+            prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{result['data_digest'][:8]}-{stamp}")
             get_run_logger().info("registered %s", result["registered"]["uri"])
             return result
         context = spec.model.context_length
         corpus = tasks.ingest.with_options(**retry)(spec.data, workdir, base_dir, context)
-        prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{corpus['digest'][:8]}")
+        prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{corpus['digest'][:8]}-{stamp}")
         tokens = tasks.tokenize.with_options(**retry)(corpus, spec.tokenizer, workdir, context)
         if resume is None:
             tracking.log_dataset(run_id, corpus, describe(spec.data))

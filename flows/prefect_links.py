@@ -20,13 +20,26 @@ def flow_run_url(flow_run_id: str) -> str | None:
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
+LMP_UI = "http://127.0.0.1:5000"  # where `lmp ui` serves the embedded store by default
+
+
 def mlflow_run_url(run_id: str) -> str | None:
     """The MLflow run's page, when the tracking store is a server."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
+    return run_page(uri, run_id)
+
+
+def run_page(ui: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``ui``."""
     experiment = mlflow.get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def mlflow_run_link(run_id: str) -> str:
+    """Where to look at the run: its page on the tracking server, or on `lmp ui` for the embedded store."""
+    return mlflow_run_url(run_id) or f"{run_page(LMP_UI, run_id)} (start `lmp ui` first)"
 
 
 def link_mlflow_run(pipeline: str, run_id: str) -> None:
@@ -36,7 +49,7 @@ def link_mlflow_run(pipeline: str, run_id: str) -> None:
         create_link_artifact(url, link_text=f"MLflow run {run_id}", key=key, description="the MLflow run")
     else:
         create_markdown_artifact(
-            f"MLflow run `{run_id}` in `{mlflow.get_tracking_uri()}` (open it with `lmp ui`).",
+            f"MLflow run `{run_id}` in `{mlflow.get_tracking_uri()}`: {mlflow_run_link(run_id)}.",
             key=key,
             description="the MLflow run",
         )

@@ -53,6 +53,7 @@ class TemporaryServer:
 
     def __init__(self, log_path: Path):
         self.log_path, self.port, self.process = Path(log_path), _free_port(), None
+        self._ui_url: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -86,6 +87,9 @@ class TemporaryServer:
             )
         os.environ["PREFECT_API_URL"] = self.api_url
         os.environ["LMP_TEMPORARY_PREFECT_API"] = "1"  # flows.prefect_links: no UI links to a UI-less server
+        # No UI either: an empty UI URL keeps Prefect from printing "View at <a page that dies with us>".
+        self._ui_url = os.environ.get("PREFECT_UI_URL")
+        os.environ["PREFECT_UI_URL"] = ""
         atexit.register(self.stop)
         return self
 
@@ -116,6 +120,10 @@ class TemporaryServer:
         if os.environ.get("PREFECT_API_URL") == self.api_url:
             del os.environ["PREFECT_API_URL"]
             os.environ.pop("LMP_TEMPORARY_PREFECT_API", None)
+            if self._ui_url is None:
+                os.environ.pop("PREFECT_UI_URL", None)
+            else:
+                os.environ["PREFECT_UI_URL"] = self._ui_url
 
     def _log(self) -> str:
         try:

@@ -69,6 +69,8 @@ class Decision:
     champion: float | None
     champion_version: int | None
     forced_by: str | None = None
+    mode: str = "min"
+    min_improvement: float = 0.0
 
     def tags(self) -> dict[str, str]:
         """The decision as version tags (``lmp.gate.*``)."""
@@ -344,7 +346,7 @@ def decide(
         else:
             champion_value = evaluate_champion(champion)
     if champion is not None and champion.version == version.version:
-        passed, reason = False, f"version {version.version} is already the champion"
+        passed, reason = False, f"version {version.version} is already @champion; nothing to promote"
     else:
         passed, reason = gate(cfg, challenger_value, champion_value)
     forced_by = None
@@ -359,6 +361,39 @@ def decide(
         champion=champion_value,
         champion_version=int(champion.version) if champion is not None else None,
         forced_by=forced_by,
+        mode=cfg.mode,
+        min_improvement=cfg.min_improvement,
+    )
+
+
+def verdict(decision: Decision | dict | None, version: int, *, created: bool = True) -> str:
+    """What the gate decided for ``version``, in one line with both numbers: "promoted to @champion (val_bpc
+    2.1 < 2.15 of v3)", "stays @challenger because …", or that the version already is @champion (``created``
+    False: the run reproduced that version's weights)."""
+    if decision is None:
+        return "stays @challenger (promote.auto is false: `lmp promote` runs the gate)"
+    d = decision if isinstance(decision, dict) else asdict(decision)
+    metric, ours, theirs, holder = d["metric"], d["challenger"], d["champion"], d["champion_version"]
+    if holder == int(version) and not d["promoted"]:
+        same = "" if created else " (same weights)"
+        return f"version {version} is already @champion{same}; nothing to promote"
+    if d.get("forced_by"):
+        return f"promoted to @champion by force — {d['reason']}"
+    if d["promoted"]:
+        if theirs is None:
+            return f"promoted to @champion (no champion yet; {metric} {ours:.4g})"
+        if not math.isfinite(theirs):
+            return f"promoted to @champion ({metric} {ours:.4g}; v{holder}'s was {theirs}, not finite)"
+        sign = "<" if ours < theirs else (">" if ours > theirs else "=")
+        return f"promoted to @champion ({metric} {ours:.4g} {sign} {theirs:.4g} of v{holder})"
+    keeps = f" (v{holder} stays @champion)" if holder is not None else ""
+    if not math.isfinite(ours):
+        return f"stays @challenger because its {metric} is {ours}, not finite{keeps}"
+    if theirs is None:
+        return f"stays @challenger because {d['reason']}"
+    return (
+        f"stays @challenger because {metric} {ours:.4g} vs {theirs:.4g} of v{holder} (@champion) is not an "
+        f"improvement of at least {d.get('min_improvement', 0):g}"
     )
 
 

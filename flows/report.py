@@ -12,6 +12,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from flows.config import PipelineSpec
+from flows.promotion import verdict
 
 HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
             "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip
@@ -45,12 +46,7 @@ def card_parts(model: Mapping, metrics: Mapping, headline: tuple, registered: Ma
     """What every model card shows: the architecture's shape, the headline metric rows, the gate's verdict."""
     shape = ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
     rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in headline if k in metrics and math.isfinite(metrics[k]))
-    decision = registered.get("decision")
-    gate = (
-        f"{'promoted to @champion' if decision['promoted'] else 'stays @challenger'}: {decision['reason']}"
-        if decision
-        else "gate not run (promote.auto is false)"
-    )
+    gate = verdict(registered.get("decision"), registered["version"], created=registered.get("created", True))
     return shape, rows, gate
 
 

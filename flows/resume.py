@@ -29,6 +29,7 @@ from lm.atomic import atomic_write_bytes
 from lm.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, sha256_file, verify_checkpoint
 from lm.config import flatten
 from lm.errors import DataError
+from lm.plan import PendingResume
 
 SCHEDULE_KEYS = (
     "train.max_steps",
@@ -78,6 +79,10 @@ STOP = StopRequest()
 
 class ResumeRefused(DataError):
     """The interrupted run was made with different settings; the message lists them and suggests --fresh."""
+
+    def __init__(self, message: str, run_id: str = ""):
+        super().__init__(message)
+        self.run_id = run_id
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,8 @@ def trained_changes(record: dict, settings: dict[str, str], inputs: dict | None 
 def refuse_changed(run_id: str, changed: list[str]) -> ResumeRefused:
     return ResumeRefused(
         f"the interrupted run {run_id} was made with different settings: {', '.join(changed)}; "
-        "restore them to resume, or pass --fresh to start a new run"
+        "restore them to resume, or pass --fresh to start a new run",
+        run_id,
     )
 
 
@@ -235,13 +241,19 @@ def prepare_resume(spec, workdir: str | Path, fresh: bool) -> Resume | None:
     return find_resumable(client, exp, spec.model_dump(mode="json", exclude={"name"}, exclude_none=True), Path(workdir))
 
 
-def find_resumable(client: MlflowClient, experiment_id: str, spec_dump: dict, workdir: Path) -> Resume | None:
-    """The newest interrupted run of this pipeline with a valid checkpoint, if any.
+def find_resumable(
+    client: MlflowClient, experiment_id: str, spec_dump: dict, workdir: Path, *, stale: bool = False
+) -> Resume | None:
+    """The newest interrupted run of this pipeline with a valid checkpoint, if any. ``stale``: count a run
+    left RUNNING by a process that is gone as interrupted (what ``reconcile_stale`` would mark KILLED).
 
     Raises ResumeRefused when that run's settings differ from ``spec_dump`` beyond schedule keys.
     """
     runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs or runs[0].info.status not in ("FAILED", "KILLED"):
+    if not runs:
+        return None
+    gone = stale and runs[0].info.status == "RUNNING" and _gone(runs[0].data.tags)
+    if runs[0].info.status not in ("FAILED", "KILLED") and not gone:
         return None
     run, run_dir = runs[0], Path(workdir) / "runs" / runs[0].info.run_id
     trained = read_trained(run_dir)
@@ -256,3 +268,23 @@ def find_resumable(client: MlflowClient, experiment_id: str, spec_dump: dict, wo
     if trained:
         return Resume(run.info.run_id, checkpoint, trained["result"]["steps"], rejected)
     return Resume(run.info.run_id, checkpoint, int(checkpoint.name.split("-")[1]), rejected)
+
+
+def pending_resume(spec, workdir: str | Path, tracking_uri: str) -> PendingResume | None:
+    """What the next ``lmp run`` of ``spec`` would resume (or refuse to resume) from the store at
+    ``tracking_uri``, found without changing anything: no run is started or marked KILLED, no experiment or
+    store is created."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return None  # no store yet: nothing to resume, and opening one would create it
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    if experiment is None:
+        return None
+    dump = spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)
+    try:
+        resume = find_resumable(client, experiment.experiment_id, dump, Path(workdir), stale=True)
+    except ResumeRefused as e:
+        return PendingResume(e.run_id, None, refused=str(e))
+    if resume is None:
+        return None
+    return PendingResume(resume.run_id, resume.step, finished=resume.checkpoint.name == "final")

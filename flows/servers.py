@@ -5,9 +5,10 @@ Both are the real engines (Prefect's server app as `prefect server start` builds
 page the user opens: the Prefect server answers CORS for its own origin only, wants a CSRF token for every
 change, and sits behind ``flows.guard`` (a foreign ``Host`` or ``Origin`` is refused); MLflow's server refuses
 a foreign ``Host`` and cross-origin changes by itself. The Prefect server keeps its database
-under ``.lmp/prefect/``; the MLflow server uses the project's ``mlruns/mlflow.db`` and serves the
-artifacts under ``mlruns/artifacts``. What was started (process ids, ports, URLs) is recorded in
-``.lmp/servers.json``; `lmp down` stops exactly those process groups.
+under ``.lmp/prefect/``; the MLflow server uses the project's ``mlruns/mlflow.db`` and gives new experiments
+the file artifact root ``mlruns/artifacts`` — the embedded store's own — so a pipeline tracked through the
+server runs on the embedded store after `lmp down`, and the other way round. What was started (process ids,
+ports, URLs) is recorded in ``.lmp/servers.json``; `lmp down` stops exactly those process groups.
 """
 
 from __future__ import annotations
@@ -89,6 +90,26 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, deadline: floa
     raise ServersError(f"{url} did not answer within {HEALTH_TIMEOUT_S:.0f} s; see {log}")
 
 
+def store_artifact_args(database: Path) -> list[str]:
+    """The `mlflow server` options that make a server on the embedded store ``database`` agree with it on where
+    artifacts are: experiments it creates get a file root under ``mlruns/artifacts`` (a location any client of
+    the store reads, server or not — the default, ``mlflow-artifacts:/N``, resolves only through an HTTP server),
+    and ``mlflow-artifacts:/`` URIs it still meets (stores from an older `lmp up`) resolve to that directory."""
+    directory = (Path(database).parent / "artifacts").resolve()
+    return ["--default-artifact-root", directory.as_uri(), "--artifacts-destination", str(directory)]
+
+
+def mlflow_command(root: Path, port: int) -> list[str]:
+    """`mlflow server` on the project's embedded store, one worker, loopback Host and Origin only."""
+    database = Path(root) / "mlruns" / "mlflow.db"
+    return [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{database}",
+        *store_artifact_args(database), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--allowed-hosts", ",".join(allowed_hosts(port)), "--cors-allowed-origins", ",".join(allowed_origins(port)),
+    ]  # fmt: skip
+
+
 def prefect_command(port: int) -> list[str]:
     """Prefect's server app (API, UI, services) behind flows.guard, served by uvicorn as `prefect server start` does."""
     return [
@@ -137,11 +158,7 @@ def up(root: Path, workdir: Path, prefect_port: int, mlflow_port: int) -> dict:
             f"http://127.0.0.1:{prefect_port}",
         ),
         "mlflow": (
-            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "mlruns" / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-             "--allowed-hosts", ",".join(allowed_hosts(mlflow_port)),
-             "--cors-allowed-origins", ",".join(allowed_origins(mlflow_port))],
+            mlflow_command(root, mlflow_port),
             base_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
             f"http://127.0.0.1:{mlflow_port}/health",
             f"http://127.0.0.1:{mlflow_port}",
@@ -157,6 +174,8 @@ def up(root: Path, workdir: Path, prefect_port: int, mlflow_port: int) -> dict:
                     command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
                 )
             started[name] = {"pid": processes[name].pid, "url": url, "log": str(log)}
+        # The address to open: MLflow 3's UI starts in its GenAI mode (traces) unless the URL asks for runs.
+        started["mlflow"]["ui"] = f"{started['mlflow']['url']}/#/?workflowType=machine_learning"
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         for name, (_, _, health, _) in specs.items():
             _wait_healthy(health, processes[name], logs / f"{name}-server.log", deadline)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pandas as pd  # MLflow resolves ``predict``'s type hints at run time
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
@@ -188,7 +189,11 @@ class LanguageModelPackage(PythonModel):
                 f"{config['vocab_size']}: the package mixes files from different runs"
             )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
+        """``model_input``: what MLflow passes under this package's signature (a one-column DataFrame of
+        prompts); a list, a string, a Series or an array work too. The type hint is one MLflow infers no schema
+        from, so it validates nothing of its own (``check_prompts`` does, with one-line messages) and stops
+        warning "Add type hints to the `predict` method" at every load."""
         from lm.generation_params import GenerationParams, check_prompts
 
         try:

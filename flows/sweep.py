@@ -176,7 +176,10 @@ def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", 
         PARENT_TAG: "true",
         "prefect.flow_run_id": str(flow_run.id),
     }
-    with tracking.tracked_run(spec.name, f"{spec.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags, None) as parent:
+    run_name = f"{spec.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.tracked_run(
+        spec.name, run_name, tags, None, description=spec.description, base_dir=base_dir
+    ) as parent:
         tracking.log_params(
             parent,
             {

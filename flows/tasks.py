@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from flows import machine, registry, slots, torchrun, tracking
+from flows import machine, promotion, registry, slots, torchrun, tracking
 from flows import report as reporting
 from flows import resume as resume_mod
 from flows.config import PipelineSpec
@@ -90,7 +90,7 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
         log.info("train: resuming from %s (attempt %d)", resume, task_run.run_count)
         tracking.set_tags(run_id, {"lmp.resumed_from_step": resume.name.split("-")[-1].lstrip("0") or "0"})
     replaying = resume is not None or task_run.run_count > 1  # steps already in MLflow are not logged again
-    with slots.training_slot(spec.training_slots, on_wait=log.info) as waited:
+    with slots.training_slot(spec.training_slots, on_wait=log.warning, holder=spec.name) as waited:
         if waited > 0.5:
             log.info("train: got a training slot after %.1f s", waited)
         tracking.log_metrics(run_id, {"train_slot_wait_seconds": waited}, step=0)
@@ -214,8 +214,9 @@ def register_model(spec, run_id: str, files: dict, tokens: dict, tags: dict, exa
         run_id, spec.name, files, tags, example, promote=spec.promote, evaluate_champion=evaluate_champion, **package
     )
     if result["decision"]:
-        verdict = "promoted to @champion" if result["decision"]["promoted"] else "stays @challenger"
-        get_run_logger().info("gate: version %s %s — %s", result["version"], verdict, result["decision"]["reason"])
+        verdict = promotion.verdict(result["decision"], result["version"], created=result.get("created", True))
+        said = verdict if verdict.startswith("version") else f"version {result['version']} {verdict}"
+        get_run_logger().info("gate: %s", said)
     return result
 
 

@@ -91,7 +91,8 @@ def bits_per_char(nats_per_token: float, tokens: int, chars: int) -> float:
 
 
 def lm_metrics(nats_per_token: float, tokens: int, chars: int, prefix: str = "val") -> dict[str, float]:
-    """loss (nats/token), perplexity and bits per character under a common prefix."""
+    """loss (nats/token), perplexity and bits per character under a common prefix (names and units: the one
+    table in ``lm.metrics``; no other task logs these names)."""
     return {
         f"{prefix}_loss": nats_per_token,
         f"{prefix}_perplexity": math.exp(min(nats_per_token, 50.0)),

@@ -22,8 +22,20 @@ UNCACHED = ("train", "evaluate", "register")
 @dataclass(frozen=True)
 class StagePlan:
     stage: str
-    status: str  # "cached" | "run"
+    status: str  # "cached" | "run" | "resume" | "refused"
     reason: str
+
+
+@dataclass(frozen=True)
+class PendingResume:
+    """An interrupted run the next run would continue (the caller finds it; this library reads no store)."""
+
+    run_id: str
+    step: int | None
+    finished: bool = False
+    """Its training finished: the next run goes straight to evaluation."""
+    refused: str | None = None
+    """Why the next run would refuse to resume it (changed settings), instead."""
 
 
 def record_success(workdir: Path, pipeline: str, ingest_inputs: dict, tokenize_inputs: dict) -> None:
@@ -62,19 +74,26 @@ def changes(before: dict | None, now: dict) -> list[str]:
 
 
 def plan(
-    pipeline: str, data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, *, workdir: Path, base_dir: Path
+    pipeline: str,
+    data_cfg: DataConfig,
+    tokenizer_cfg: TokenizerConfig,
+    *,
+    workdir: Path,
+    base_dir: Path,
+    resume: PendingResume | None = None,
 ) -> list[StagePlan]:
-    """Predict, without running anything, which stages the next run skips and why the others run."""
+    """Predict, without running anything, which stages the next run skips and why the others run;
+    ``resume``: the interrupted run the next run would continue, when there is one."""
     workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
     try:
         ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))
     except (OSError, ValueError) as e:
-        return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest")
+        return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
     corpus = data.cached_corpus(workdir / "data", data.inputs_key(ingest_now))
     if corpus is None:
         why = changes(last.get("ingest"), ingest_now) or ["cached corpus missing or altered on disk"]
         return [StagePlan("ingest", "run", "; ".join(why))] + _rest(
-            "tokenize", "depends on ingest, which runs (reused if the corpus comes out identical)"
+            "tokenize", "depends on ingest, which runs (reused if the corpus comes out identical)", resume
         )
     stages = [StagePlan("ingest", "cached", f"digest {corpus.digest[:12]}…")]
     tokenize_now = shards.tokenize_inputs(corpus.digest, tokenizer_cfg)
@@ -83,10 +102,12 @@ def plan(
     else:
         why = changes(last.get("tokenize"), tokenize_now) or ["cached tokens missing or altered on disk"]
         stages.append(StagePlan("tokenize", "run", "; ".join(why)))
-    return stages + _rest(None, None)
+    return stages + _rest(None, None, resume)
 
 
-def plan_classification(pipeline: str, data_cfg, *, init_from: str, workdir: Path, base_dir: Path) -> list[StagePlan]:
+def plan_classification(
+    pipeline: str, data_cfg, *, init_from: str, workdir: Path, base_dir: Path, resume: PendingResume | None = None
+) -> list[StagePlan]:
     """``plan`` for a classification pipeline: the labelled examples are explained like a corpus; the
     tokenize stage depends on the initialising model, which only a run resolves."""
     from lm.classification import data as labelled
@@ -96,19 +117,33 @@ def plan_classification(pipeline: str, data_cfg, *, init_from: str, workdir: Pat
     try:
         now = labelled.dataset_inputs(data_cfg, Path(base_dir))
     except (OSError, ValueError) as e:
-        return init + [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest")
+        return init + [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
     hit = labelled.cached_dataset(workdir / "labelled", labelled.inputs_key(now))
     if hit is None:
         why = changes(last.get("ingest"), now) or ["cached examples missing or altered on disk"]
-        return init + [StagePlan("ingest", "run", "; ".join(why))] + _rest("tokenize", "depends on ingest")
+        return init + [StagePlan("ingest", "run", "; ".join(why))] + _rest("tokenize", "depends on ingest", resume)
     tokenize = "reused when the examples and the tokenizer (the init model's, or one trained here) are unchanged"
     return (
         init
         + [StagePlan("ingest", "cached", f"digest {hit['digest'][:12]}…, examples {hit['examples']}")]
-        + _rest("tokenize", tokenize)
+        + _rest("tokenize", tokenize, resume)
     )
 
 
-def _rest(stage: str | None, reason: str | None) -> list[StagePlan]:
+def _rest(stage: str | None, reason: str | None, resume: PendingResume | None = None) -> list[StagePlan]:
     head = [StagePlan(stage, "run", reason)] if stage else []
-    return head + [StagePlan(s, "run", "never cached: every run trains, evaluates and registers") for s in UNCACHED]
+    never = "never cached: every run trains, evaluates and registers"
+    return head + [_train(resume)] + [StagePlan(s, "run", never) for s in UNCACHED if s != "train"]
+
+
+def _train(resume: PendingResume | None) -> StagePlan:
+    """The train row: a fresh run, the resume of an interrupted one, or a resume that will be refused."""
+    if resume is None:
+        return StagePlan("train", "run", "never cached: every run trains, evaluates and registers")
+    if resume.refused is not None:
+        return StagePlan("train", "refused", resume.refused)
+    if resume.finished:
+        return StagePlan(
+            "train", "resume", f"done at step {resume.step} in run {resume.run_id[:8]}; goes on to evaluate"
+        )
+    return StagePlan("train", "resume", f"resume from step {resume.step} of run {resume.run_id[:8]}")

@@ -22,7 +22,7 @@ def predict(
     max_examples: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Class probabilities (N, K) for the first ``max_examples`` examples (all by default), in order, and
-    their mean unweighted cross-entropy (nats)."""
+    their mean unweighted cross-entropy (nats per example)."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -55,14 +55,15 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int)
 
 
 def scores(matrix: np.ndarray, labels: list[str], prefix: str = "val") -> dict[str, float]:
-    """Accuracy, macro-F1, macro precision/recall and per-class precision/recall/F1 (0 when undefined)."""
+    """Label accuracy, macro-F1, macro precision/recall and per-class precision/recall/F1 (0 when undefined);
+    names as in ``lm.metrics`` (``label_accuracy``: a language model's ``accuracy`` is of next tokens)."""
     tp = np.diag(matrix).astype(float)
     predicted, actual = matrix.sum(0).astype(float), matrix.sum(1).astype(float)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
     out = {
-        f"{prefix}_accuracy": float(tp.sum() / max(1, matrix.sum())),
+        f"{prefix}_label_accuracy": float(tp.sum() / max(1, matrix.sum())),
         f"{prefix}_macro_f1": float(f1.mean()),
         f"{prefix}_macro_precision": float(precision.mean()),
         f"{prefix}_macro_recall": float(recall.mean()),
@@ -77,11 +78,11 @@ def scores(matrix: np.ndarray, labels: list[str], prefix: str = "val") -> dict[s
 
 
 def majority_baseline(train_labels: np.ndarray, truth: np.ndarray, labels: list[str], prefix: str) -> dict:
-    """Accuracy and macro-F1 of always predicting the most frequent training class."""
+    """Label accuracy and macro-F1 of always predicting the most frequent training class."""
     majority = int(np.bincount(train_labels, minlength=len(labels)).argmax())
     matrix = confusion_matrix(truth, np.full_like(truth, majority), len(labels))
     s = scores(matrix, labels, prefix)
     return {
-        f"{prefix}_baseline_accuracy": s[f"{prefix}_accuracy"],
+        f"{prefix}_baseline_label_accuracy": s[f"{prefix}_label_accuracy"],
         f"{prefix}_baseline_macro_f1": s[f"{prefix}_macro_f1"],
     }

@@ -1,7 +1,7 @@
 """Classification stages as pure functions from paths and configs to paths and small dicts.
 
 prepare (labelled examples) → encode (with the initialising model's tokenizer, or one trained on the
-training texts) → fit (the one training loop) → evaluate (accuracy, macro-F1, per-class scores,
+training texts) → fit (the one training loop) → evaluate (label accuracy, macro-F1, per-class scores,
 confusion matrix, majority baseline) → export (the files a served classifier needs).
 """
 
@@ -184,7 +184,7 @@ def score_examples(model: Classifier, examples: Examples, labels: list[str], tra
     """Metrics of ``model`` on ``examples`` (and of the majority baseline) and the confusion matrix."""
     probs, loss = predict(model, examples, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
     matrix = confusion_matrix(examples.labels, probs.argmax(1), len(labels))
-    metrics = {f"{prefix}_loss": loss} | scores(matrix, labels, prefix)
+    metrics = {f"{prefix}_loss_per_example": loss} | scores(matrix, labels, prefix)
     metrics |= majority_baseline(train_labels, examples.labels, labels, prefix)
     return metrics, matrix.tolist()
 
@@ -263,10 +263,10 @@ def evaluate_files(files: dict, dataset_path: Path, *, batch_size: int = 32, dev
     manifest = json.loads((Path(dataset_path) / "manifest.json").read_text())
     names = config["labels"]
     if list(manifest["labels"]) != list(names):
-        return {"val_loss": math.nan, "val_accuracy": math.nan, "val_macro_f1": math.nan}
+        return {"val_loss_per_example": math.nan, "val_label_accuracy": math.nan, "val_macro_f1": math.nan}
     examples = encode_examples(tok, read_examples(Path(dataset_path), "val"), config["max_tokens"])
     probs, loss = predict(
         model.to(device), examples, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype
     )
     matrix = confusion_matrix(examples.labels, probs.argmax(1), len(names))
-    return {"val_loss": loss} | scores(matrix, names, "val")
+    return {"val_loss_per_example": loss} | scores(matrix, names, "val")

@@ -69,6 +69,11 @@ def _restore_mlflow_uris():
     import mlflow
 
     tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    exported = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri exports it to child processes too
     yield
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri)
+    if exported is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = exported

@@ -32,7 +32,8 @@ def test_a_classifier_records_its_lineage_tokenizer_and_evaluation(store):
     assert version.tags["lmp.gate.metric"] == "val_macro_f1"
     run = client.get_run(version.run_id)
     for key in (
-        "val_accuracy",
+        "val_label_accuracy",
+        "val_loss_per_example",
         "val_macro_f1",
         "val_baseline_macro_f1",
         "val_precision_histories",
@@ -73,8 +74,9 @@ def test_compare_lines_up_the_classifier(store):
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)[-1:]
     assert row["init"].startswith("models:/smoke/") and row["architecture"] == "gpt"
-    for column in ("val_accuracy", "val_macro_f1", "baseline_macro_f1"):
+    for column in ("val_label_accuracy", "val_macro_f1", "val_baseline_macro_f1"):
         assert 0.0 <= row[column] <= 1.0, column
+    assert row["task"] == "classifier" and row.get("val_loss") is None and row.get("val_accuracy") is None
     plan = runner.invoke(app, ["plan", "smoke-genre", "--config", str(ROOT / "pipelines.yaml")])
     assert plan.exit_code == 0 and "init-model" in plan.output and "cached" in plan.output
 

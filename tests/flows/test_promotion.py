@@ -288,12 +288,13 @@ def test_a_forced_promotion_stays_on_record_after_a_later_gate_on_the_same_versi
     forced = promotion.decide(client, "m", v2, GATE, force=True)
     promotion.apply(client, "m", v2, forced, reason="hotfix for the tokenizer bug")
     assert _aliases(client, "m") == {"champion": 2, "previous": 1}
-    _gate(client, "m", client.get_model_version("m", "2"))  # a later gate on v2: "already the champion"
-    assert client.get_model_version("m", "2").tags["lmp.gate.reason"] == "version 2 is already the champion"
+    _gate(client, "m", client.get_model_version("m", "2"))  # a later gate on v2: "already @champion"
+    reason = client.get_model_version("m", "2").tags["lmp.gate.reason"]
+    assert reason == "version 2 is already @champion; nothing to promote"
     first, later = _history(client, "m", 2)
     assert first["event"] == "forced" and first["forced"] and first["reason"] == "hotfix for the tokenizer bug"
     assert first["who"] == forced.forced_by and first["challenger"] == 2.7 and first["champion"] == 2.5
-    assert later["event"] == "rejected" and not later["forced"] and "already the champion" in later["detail"]
+    assert later["event"] == "rejected" and not later["forced"] and "already @champion" in later["detail"]
     assert [e["event"] for e in _history(client, "m", 1)] == ["promoted", "replaced"]
 
 

@@ -182,7 +182,8 @@ def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_the_rerun_resume
     proc.wait(timeout=120)
     err = (project / "lmp.log").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "stopped: training stopped on request after step" in " ".join(err.split())
+    said = " ".join(err.split())
+    assert "stopped at step" in said and "run again to resume" in said and "Traceback" not in said
 
     client, [run] = _runs(project)
     assert run.info.status == "KILLED"
@@ -249,3 +250,45 @@ def test_sigkill_in_evaluation_then_pid_reuse_resumes_from_final_without_trainin
     assert [m.step for m in after["wall_seconds"]] == [40]  # logged once, by the attempt that trained
     assert (run_dir / "final" / "model.safetensors").read_bytes() == weights and not list(run_dir.glob("step-*"))
     assert "val_loss" in again.data.metrics and "lmp.failure" not in again.data.tags
+
+
+def test_plan_shows_the_resume_the_next_run_would_make_without_changing_the_store(tmp_path, monkeypatch):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from flows.config import parse_pipelines
+    from flows.resume import pending_resume, process_tags
+    from lm.checkpoint import save_checkpoint
+    from lm.config import flatten
+    from lm.plan import plan
+
+    spec = parse_pipelines(yaml.safe_dump(PIPELINE)).get("crashy")
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / ".lmp"
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert pending_resume(spec, workdir, uri) is None and not (tmp_path / "mlruns").exists()  # no store created
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("crashy")
+    run = client.create_run(experiment, tags=process_tags() | {"lmp.pid": "999999999"})  # a killed process
+    params = flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True))
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    save_checkpoint(workdir / "runs" / run.info.run_id / "step-00000322", torch.nn.Linear(2, 2), {"step": 322})
+
+    pending = pending_resume(spec, workdir, uri)
+    assert (pending.run_id, pending.step, pending.refused) == (run.info.run_id, 322, None)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # plan reconciles nothing
+    rows = {s.stage: s for s in plan("crashy", spec.data, spec.tokenizer, workdir=workdir, base_dir=tmp_path,
+                                     resume=pending)}  # fmt: skip
+    assert (rows["train"].status, rows["train"].reason) == (
+        "resume",
+        f"resume from step 322 of run {run.info.run_id[:8]}",
+    )
+
+    changed = parse_pipelines(yaml.safe_dump(PIPELINE).replace("embed_dim: 64", "embed_dim: 32")).get("crashy")
+    refused = pending_resume(changed, workdir, uri)
+    rows = {s.stage: s for s in plan("crashy", spec.data, spec.tokenizer, workdir=workdir, base_dir=tmp_path,
+                                     resume=refused)}  # fmt: skip
+    assert rows["train"].status == "refused" and "model.embed_dim" in rows["train"].reason
+    assert "--fresh" in rows["train"].reason

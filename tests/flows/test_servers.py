@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.flows.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _project(path: Path, **smoke) -> Path:
@@ -114,7 +109,7 @@ def served(tmp_path_factory):
     `lmp down` must then leave no process and no state file behind."""
     project = _project(tmp_path_factory.mktemp("up") / "p", schedule={"interval": 20})
     (project.parent / "outside.txt").write_text("SECRET outside the project\n" * 500)
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     started = _lmp(project, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port))
     assert started.returncode == 0, started.stderr
     state = json.loads((project / ".lmp" / "servers.json").read_text())
@@ -239,7 +234,7 @@ def test_the_scheduled_run_completes_and_a_spec_or_a_foreign_override_never_runs
 
 def test_lmp_ui_refuses_a_foreign_host_and_origin(tmp_path):
     project = _project(tmp_path / "p")
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / "ui.log", "w") as log:
         ui = subprocess.Popen([LMP, "ui", "--port", str(port)], cwd=project, env=_env(project), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -266,7 +261,7 @@ def test_lmp_ui_refuses_a_foreign_host_and_origin(tmp_path):
 
 def test_down_after_the_servers_were_killed_is_clean(tmp_path):
     project = _project(tmp_path / "p")
-    ports = ["--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port())]
+    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
     assert _lmp(project, "up", *ports).returncode == 0
     state = json.loads((project / ".lmp" / "servers.json").read_text())
     for server in state["servers"].values():

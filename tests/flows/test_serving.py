@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.flows.helpers import free_port
 
 CAP = 100_000  # far more tokens than the tiny model makes within BUDGET_S on this machine
 BUDGET_S = 2.0
@@ -81,12 +82,6 @@ class Server:
         return status, json.loads(text), time.monotonic() - start
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _live_processes(group: int) -> list[int]:
     """Pids of the processes in process group ``group`` that have not exited (zombies count as exited: an
     orphan's zombie waits for init to reap it)."""
@@ -117,7 +112,7 @@ def serving(logged_model: tuple[str, str], tmp_path: Path, **limits: str) -> Ite
     """`mlflow models serve --env-manager local` of the logged model on a free port, with the generation limits
     given as environment variables; stopped (its whole process group) on exit."""
     tracking_uri, model_uri = logged_model
-    port, bin_dir = _free_port(), str(Path(sys.executable).parent)
+    port, bin_dir = free_port(), str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "LMP_"))}
     env |= limits | {
         "MLFLOW_TRACKING_URI": tracking_uri,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,22 +23,17 @@ from lm.checkpoint import latest_checkpoint
 from lm.config import GPTConfig, TrainConfig
 from lm.models import build_model
 from lm.training import train
+from tests.flows.helpers import free_port
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 KEYS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
     """`mlflow server` on its own sqlite store and a fixed port, so a restart is the same server."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         (root / "tmp").mkdir(parents=True, exist_ok=True)

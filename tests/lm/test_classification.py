@@ -110,12 +110,12 @@ def test_metrics_and_baseline():
     matrix = confusion_matrix(truth, predicted, 3)
     assert matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     s = scores(matrix, ["a", "b", "c"])
-    assert s["val_accuracy"] == pytest.approx(4 / 6)
+    assert s["val_label_accuracy"] == pytest.approx(4 / 6)
     assert s["val_precision_b"] == pytest.approx(2 / 3) and s["val_recall_c"] == pytest.approx(0.5)
     f1 = [2 * 0.5 * 0.5 / 1.0, 2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5]
     assert s["val_macro_f1"] == pytest.approx(np.mean(f1))
     base = majority_baseline(np.array([1, 1, 0]), truth, ["a", "b", "c"], "val")
-    assert base["val_baseline_accuracy"] == pytest.approx(2 / 6)
+    assert base["val_baseline_label_accuracy"] == pytest.approx(2 / 6)
     assert base["val_baseline_macro_f1"] == pytest.approx((2 * (1 / 3) / (1 / 3 + 1)) / 3)
 
 
