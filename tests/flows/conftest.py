@@ -33,9 +33,10 @@ def mlflow_store(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def store(prefect_harness, tmp_path_factory):
+def store_dir(prefect_harness, tmp_path_factory):
     """One embedded store with a GPT and an LSTM language model and a genre classifier fine-tuned from the
-    GPT (smoke-genre, init_from models:/smoke@champion), each run once; yields its directory."""
+    GPT (smoke-genre, init_from models:/smoke@champion), each run once; yields its directory. Built against
+    its own store whatever an earlier test left in MLflow or MLFLOW_TRACKING_URI."""
     import mlflow
 
     from flows import tracking
@@ -44,8 +45,9 @@ def store(prefect_harness, tmp_path_factory):
     from lm.config import LSTMConfig
 
     path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
+    exported = os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(path)
-    tracking.configure(path)
+    tracking.configure_uri(tracking.default_tracking_uri(path))
     shipped = load_pipelines(ROOT / "pipelines.yaml")
     smoke = shipped.get("smoke")
     lstm = smoke.model_copy(
@@ -54,13 +56,28 @@ def store(prefect_harness, tmp_path_factory):
             "model": LSTMConfig(kind="lstm", num_layers=1, embed_dim=16, hidden_dim=32, context_length=32),
         }
     )
-    for spec in (smoke, lstm, shipped.get("smoke-genre")):
-        lm_pipeline(spec, workdir=str(path / ".lmp"))
     try:
-        yield path
+        for spec in (smoke, lstm, shipped.get("smoke-genre")):
+            lm_pipeline(spec, workdir=str(path / ".lmp"))
     finally:
         mlflow.set_tracking_uri(None)
         os.chdir(cwd)
+        if exported is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+    yield path
+
+
+@pytest.fixture
+def store(store_dir, monkeypatch):
+    """The session's store (see ``store_dir``), with MLflow, MLFLOW_TRACKING_URI and the working directory
+    pointing at it for this test; yields its directory."""
+    from flows import tracking
+
+    uri = tracking.default_tracking_uri(store_dir)
+    monkeypatch.chdir(store_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure_uri(uri)
+    yield store_dir
 
 
 @pytest.fixture(autouse=True)

@@ -83,6 +83,7 @@ def test_a_failed_run_is_described_and_a_scheduled_run_is_a_job(mlflow_store, mo
     from flows import tracking
 
     monkeypatch.setenv("LMP_SCHEDULE_CONFIG", str(tmp_path / "pipelines.yaml"))  # what `lmp schedule` sets
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path may lie inside a clone (CI)
     with pytest.raises(RuntimeError):
         with tracking.tracked_run("pipe", "pipe-1", {"pipeline": "pipe"}, base_dir=tmp_path) as run_id:
             raise RuntimeError("boom")

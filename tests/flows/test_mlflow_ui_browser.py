@@ -114,23 +114,20 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def store_uri(store) -> str:
-    """The session's project store (finished runs of `smoke`, registered with an @champion) as the store fixture
-    configured it (``MLFLOW_TRACKING_URI`` when a test before it left one: MLflow's set_tracking_uri sets it)."""
-    import mlflow
+def store_uri(store_dir) -> str:
+    """The session's project store: finished runs of `smoke`, registered with an @champion."""
+    from flows import tracking
 
-    uri = mlflow.get_tracking_uri()
-    assert uri.startswith("sqlite:///"), uri
-    return uri
+    return tracking.default_tracking_uri(store_dir)
 
 
 @pytest.fixture(scope="module")
-def ui(store, store_uri):
+def ui(store_dir, store_uri):
     """`lmp ui` on that store, started in the project directory as a user would."""
-    port, log = free_port(), store / "ui-browser.log"
+    port, log = free_port(), store_dir / "ui-browser.log"
     env = os.environ | {"MLFLOW_TRACKING_URI": store_uri}
     with open(log, "w") as out:
-        server = subprocess.Popen([LMP, "ui", "--port", str(port)], cwd=store, env=env, stdout=out,
+        server = subprocess.Popen([LMP, "ui", "--port", str(port)], cwd=store_dir, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
