@@ -119,13 +119,22 @@ def ui(
         args += ["--default-artifact-root", artifacts]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     address = tracking.ui_url(f"http://{host}:{port}")
+    from flows.cli import _options
+
+    # The server's own start-up notices, deprecation warnings and access log go to a file (--verbose: here).
+    log_path = (tracking.project_root(Path.cwd()) or Path.cwd()) / WORK_DIR / "logs" / "mlflow-ui.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} at [bold]{address}[/bold] (Ctrl-C to stop)", soft_wrap=True)
-    proc = subprocess.Popen(args, env=env)
+    if not _options["verbose"]:
+        console.print(f"server log: {log_path}", markup=False, highlight=False, soft_wrap=True)
+    with open(log_path, "ab") as log:
+        output = None if _options["verbose"] else log
+        proc = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too, not only Ctrl-C
     try:
-        proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
-        pass
+        code = 0
     finally:
         if proc.poll() is None:
             proc.terminate()  # mlflow's workers exit a few seconds after their parent: wait for them
@@ -134,3 +143,6 @@ def ui(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    if code:  # the server stopped by itself: say why, from its log
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if not _options["verbose"] else []
+        raise fail(f"the MLflow server stopped (exit {code}){': ' + tail[0] if tail else ''}; its log: {log_path}", 1)
