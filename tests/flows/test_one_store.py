@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.flows.helpers import free_port
+from tests.flows.helpers import free_port, http
 
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))
@@ -50,19 +50,8 @@ def _lmp(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _http(url: str, method: str = "GET", body: dict | None = None, **headers: str) -> tuple[int, str]:
-    """One request; status and body. A 503 (Prefect's answer while its database is busy) is retried for 30 s."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **headers} if body is not None else headers
-    deadline = time.monotonic() + 30
-    while True:
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or time.monotonic() > deadline:
-                return e.code, e.read().decode()
-        time.sleep(0.5)  # bounded retry of a retryable answer
+    status, _, text = http(url, method, body, **headers)
+    return status, text
 
 
 def _prefect(api: str, path: str, body: dict | None = None):

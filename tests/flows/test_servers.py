@@ -9,15 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.flows.helpers import free_port
+from tests.flows.helpers import free_port, http
 
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))
@@ -62,32 +60,15 @@ class Served:
         return f"http://127.0.0.1:{self.prefect_port}/api"
 
 
-def _http(url: str, method: str = "GET", body: dict | None = None, **headers: str) -> tuple[int, dict, str]:
-    """One request; its status, headers (lower-case names) and body, whatever the status. A 503 (Prefect's answer
-    while its SQLite database is locked by a busy moment) is retried for up to 30 s, as Prefect's own client does."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **headers} if body is not None else headers
-    deadline = time.monotonic() + 30
-    while True:
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode()
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or time.monotonic() > deadline:
-                return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
-        time.sleep(0.5)  # bounded retry of a retryable answer
-
-
 def _csrf(api: str) -> dict[str, str]:
     """The headers a same-machine client needs for a change (none while CSRF protection is off)."""
-    status, _, body = _http(f"{api}/csrf-token?client=lmp-test")
+    status, _, body = http(f"{api}/csrf-token?client=lmp-test")
     return {"Prefect-Csrf-Token": json.loads(body)["token"], "Prefect-Csrf-Client": "lmp-test"} if status == 200 else {}
 
 
 def _completed_runs(api: str) -> list[dict]:
     body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
-    status, _, text = _http(f"{api}/flow_runs/filter", "POST", body, **_csrf(api))
+    status, _, text = http(f"{api}/flow_runs/filter", "POST", body, **_csrf(api))
     assert status == 200, text
     return [run for run in json.loads(text) if run.get("deployment_id")]
 
@@ -124,7 +105,7 @@ def served(tmp_path_factory):
             )  # fmt: skip
         api, deadline, found = f"http://127.0.0.1:{prefect_port}/api", time.monotonic() + 120, []
         while not found and time.monotonic() < deadline and scheduler.poll() is None:
-            found = json.loads(_http(f"{api}/deployments/filter", "POST", {}, **_csrf(api))[2])
+            found = json.loads(http(f"{api}/deployments/filter", "POST", {}, **_csrf(api))[2])
             time.sleep(0.5)  # bounded poll of the real server for the deployment `lmp schedule` registers
         assert found, (project / "schedule.log").read_text()[-3000:]
         yield Served(project, prefect_port, mlflow_port, found[0]["id"])
@@ -148,10 +129,10 @@ def test_up_refuses_a_second_copy(served):
 def test_a_web_page_cannot_preflight_the_prefect_api(served):
     url = f"{served.api}/deployments/{served.deployment_id}/create_flow_run"
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
-    _, headers, _ = _http(url, "OPTIONS", Origin="http://evil.example", **preflight)
+    _, headers, _ = http(url, "OPTIONS", Origin="http://evil.example", **preflight)
     assert headers.get("access-control-allow-origin") not in ("*", "http://evil.example")
     own = f"http://localhost:{served.prefect_port}"  # the UI opened as localhost calls the API at 127.0.0.1
-    status, headers, _ = _http(url, "OPTIONS", Origin=own, **preflight)
+    status, headers, _ = http(url, "OPTIONS", Origin=own, **preflight)
     assert status == 200 and headers["access-control-allow-origin"] == own
 
 
@@ -159,25 +140,25 @@ def test_a_cross_origin_post_and_a_foreign_host_are_refused(served):
     url = f"{served.api}/deployments/{served.deployment_id}/create_flow_run"
     evil = {"spec": {"name": "smoke"}}
     for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}):  # a "simple" POST needs no preflight
-        status, _, body = _http(url, "POST", {"parameters": evil}, **headers, **_csrf(served.api))
+        status, _, body = http(url, "POST", {"parameters": evil}, **headers, **_csrf(served.api))
         assert status in (400, 403), body
-    status, _, body = _http(f"{served.api}/health", Host=f"evil.example:{served.prefect_port}")  # DNS rebinding
+    status, _, body = http(f"{served.api}/health", Host=f"evil.example:{served.prefect_port}")  # DNS rebinding
     assert status in (400, 403), body
-    assert _http(f"{served.api}/csrf-token?client=x")[0] == 200  # CSRF protection is on (422 when it is off)
-    status, headers, body = _http(url, "POST", {"parameters": {"pipeline": "smoke"}})  # no token: refused
+    assert http(f"{served.api}/csrf-token?client=x")[0] == 200  # CSRF protection is on (422 when it is off)
+    status, headers, body = http(url, "POST", {"parameters": {"pipeline": "smoke"}})  # no token: refused
     assert status == 403 and "CSRF" in body
-    assert _http(f"http://127.0.0.1:{served.prefect_port}/")[0] == 200  # the UI is served
+    assert http(f"http://127.0.0.1:{served.prefect_port}/")[0] == 200  # the UI is served
 
     mlflow = f"http://127.0.0.1:{served.mlflow_port}/api/2.0/mlflow/experiments/search"
-    assert _http(mlflow, "POST", {"max_results": 1})[0] == 200
-    assert _http(mlflow, "POST", {"max_results": 1}, Host=f"evil.example:{served.mlflow_port}")[0] == 403
-    assert _http(mlflow, "POST", {"max_results": 1}, Origin="http://evil.example")[0] in (400, 403)
+    assert http(mlflow, "POST", {"max_results": 1})[0] == 200
+    assert http(mlflow, "POST", {"max_results": 1}, Host=f"evil.example:{served.mlflow_port}")[0] == 403
+    assert http(mlflow, "POST", {"max_results": 1}, Origin="http://evil.example")[0] in (400, 403)
 
 
 def _final_state(api: str, flow_run_id: str, deadline_s: float = 240) -> dict:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        run = json.loads(_http(f"{api}/flow_runs/{flow_run_id}")[2])
+        run = json.loads(http(f"{api}/flow_runs/{flow_run_id}")[2])
         if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(0.5)  # bounded poll of the real server for the runner's outcome
@@ -187,16 +168,16 @@ def _final_state(api: str, flow_run_id: str, deadline_s: float = 240) -> dict:
 def test_the_scheduled_run_completes_and_a_spec_or_a_foreign_override_never_runs(served):
     api, outside = served.api, str(served.project.parent / "outside.txt")
     url = f"{api}/deployments/{served.deployment_id}/create_flow_run"
-    spec = json.loads(_http(f"{api}/deployments/{served.deployment_id}")[2])["parameters"].get("spec") or {}
+    spec = json.loads(http(f"{api}/deployments/{served.deployment_id}")[2])["parameters"].get("spec") or {}
     spec = {**spec, "data": {"source": "files", "paths": [outside], "allow_outside": True}}
-    status, _, body = _http(url, "POST", {"parameters": {"spec": spec}}, **_csrf(api))
+    status, _, body = http(url, "POST", {"parameters": {"spec": spec}}, **_csrf(api))
     assert status in (409, 422), body  # Prefect itself checks them against the deployment's closed schema
-    status, _, body = _http(url, "POST", {"parameters": {"pipeline": "smoke", "overrides": {"data.paths": [outside]}}},
+    status, _, body = http(url, "POST", {"parameters": {"pipeline": "smoke", "overrides": {"data.paths": [outside]}}},
                             **_csrf(api))  # fmt: skip
     assert status in (409, 422), body
-    forced = _http(url, "POST", {"parameters": {"spec": spec}, "enforce_parameter_schema": False,
+    forced = http(url, "POST", {"parameters": {"spec": spec}, "enforce_parameter_schema": False,
                                  "idempotency_key": "forced-spec"}, **_csrf(api))  # fmt: skip
-    foreign = _http(url, "POST", {"parameters": {"pipeline": "smoke", "overrides": {"data.allow_outside": True}},
+    foreign = http(url, "POST", {"parameters": {"pipeline": "smoke", "overrides": {"data.allow_outside": True}},
                                   "idempotency_key": "foreign-override"}, **_csrf(api))  # fmt: skip
     assert forced[0] in (200, 201) and foreign[0] in (200, 201), (forced, foreign)
 
@@ -242,14 +223,14 @@ def test_lmp_ui_refuses_a_foreign_host_and_origin(tmp_path):
         base, deadline, status = f"http://127.0.0.1:{port}", time.monotonic() + 90, None
         while status != 200 and time.monotonic() < deadline and ui.poll() is None:
             try:
-                status = _http(f"{base}/health")[0]
+                status = http(f"{base}/health")[0]
             except OSError:
                 time.sleep(0.2)  # bounded poll until the server answers
         assert status == 200, (tmp_path / "ui.log").read_text()[-3000:]
         search = f"{base}/api/2.0/mlflow/experiments/search"
-        assert _http(search, "POST", {"max_results": 1})[0] == 200
-        assert _http(search, "POST", {"max_results": 1}, Host=f"evil.example:{port}")[0] == 403
-        assert _http(search, "POST", {"max_results": 1}, Origin="http://evil.example")[0] in (400, 403)
+        assert http(search, "POST", {"max_results": 1})[0] == 200
+        assert http(search, "POST", {"max_results": 1}, Host=f"evil.example:{port}")[0] == 403
+        assert http(search, "POST", {"max_results": 1}, Origin="http://evil.example")[0] in (400, 403)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         try:
