@@ -15,8 +15,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from flows import classify_report, registry, tasks, tracking
+from flows import tasks, tracking
 from flows.config import INIT_URI, ClassifierSpec
+from flows.registry import classify_report
+from flows.registry import register as registry
 from lm.checkpoint import sha256_file
 from lm.classification import stages
 from lm.classification.data import describe

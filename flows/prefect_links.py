@@ -9,7 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_UI_URL
 
-TEMPORARY_API = "LMP_TEMPORARY_PREFECT_API"  # set by flows.prefect_server: its UI is off, links would be dead
+TEMPORARY_API = "LMP_TEMPORARY_PREFECT_API"  # set by flows.ops.prefect_server: its UI is off, links would be dead
 
 
 def flow_run_url(flow_run_id: str) -> str | None:

@@ -24,8 +24,9 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows import classify, classify_report, prefect_links, tasks, torchrun, tracking
+from flows import classify, prefect_links, tasks, torchrun, tracking
 from flows.config import ClassifierSpec, PipelineSpec, SweepConfig, validate_spec
+from flows.registry import classify_report
 from lm import stages
 from lm.config import flatten
 

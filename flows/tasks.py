@@ -16,10 +16,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from flows import machine, promotion, registry, slots, torchrun, tracking
-from flows import report as reporting
 from flows import resume as resume_mod
+from flows import torchrun, tracking
 from flows.config import PipelineSpec
+from flows.ops import machine, slots
+from flows.registry import promotion
+from flows.registry import register as registry
+from flows.registry import reports as reporting
 from lm import stages
 from lm.checkpoint import STEP_PREFIX, latest_checkpoint
 from lm.config import DataConfig, TokenizerConfig

@@ -294,7 +294,7 @@ def label_experiment(client: MlflowClient, exp, description: str | None) -> None
 def run_source() -> tuple[str, str]:
     """``mlflow.source.name`` and ``mlflow.source.type`` of a run started by this process: the `lmp` command
     (``lmp run``, ``lmp sweep``), ``lmp schedule`` for the runs it serves (a job), else the program's name."""
-    if os.environ.get("LMP_SCHEDULE_CONFIG"):  # set by `lmp schedule` (flows.schedule.run_context_env)
+    if os.environ.get("LMP_SCHEDULE_CONFIG"):  # set by `lmp schedule` (flows.ops.schedule.run_context_env)
         return "lmp schedule", "JOB"
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
@@ -303,7 +303,9 @@ def run_source() -> tuple[str, str]:
 
 def run_tags(base_dir: Path | str = ".") -> dict[str, str]:
     """MLflow's own run tags the UI shows: user, source and its type, and the git commit of ``base_dir``."""
-    from flows.registry import git_commit  # imported late: flows.registry imports this module's neighbours
+    from flows.registry.register import (
+        git_commit,  # imported late: flows.registry.register imports this module's neighbours
+    )
 
     name, kind = run_source()
     tags = {"mlflow.user": _user(), "mlflow.source.name": name, "mlflow.source.type": kind}

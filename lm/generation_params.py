@@ -1,6 +1,6 @@
 """Validated generation requests: the params a caller may set, the bounds a server enforces, the prompts.
 
-Shared by the served model (``flows/serving.py``, which reads the bounds from the environment) and, through
+Shared by the served model (``flows/registry/serving.py``, which reads the bounds from the environment) and, through
 it, `lmp generate`. Every violation is a ``ValueError`` whose message is one line naming the param, the
 allowed range and what was given; the served model answers it with HTTP 400.
 """

@@ -68,7 +68,7 @@ def test_an_init_model_that_does_not_exist_names_the_registered_ones(store):
 
 
 def test_compare_lines_up_the_classifier(store):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     result = runner.invoke(app, ["compare", "smoke-genre", "--format", "json"])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.commands import app
 from flows.config import load_pipelines
 from lm.config import BPETokenizerConfig
 

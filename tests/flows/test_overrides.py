@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.commands import app
 from flows.config import ConfigError, apply_overrides, load_pipelines, parse_pipelines
 
 ROOT = Path(__file__).resolve().parents[2]

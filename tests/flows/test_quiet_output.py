@@ -46,7 +46,7 @@ def _lmp(path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """A Prefect API server the test can still query after `lmp run` exits (its own temporary one dies with it)."""
-    from flows import prefect_server
+    from flows.ops import prefect_server
 
     path = tmp_path_factory.mktemp("prefect")
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_UI_URL", "LMP_TEMPORARY_PREFECT_API")}
@@ -147,7 +147,7 @@ def test_ctrl_c_stops_at_a_checkpoint_cancels_the_flow_run_and_kills_the_mlflow_
 
 
 def test_the_gate_verdict_says_what_happened_with_both_numbers():
-    from flows.promotion import Decision, verdict
+    from flows.registry.promotion import Decision, verdict
 
     def decision(promoted, reason, challenger, champion, champion_version, **more):
         return Decision(promoted, reason, "val_bpc", challenger, champion, champion_version, **more)

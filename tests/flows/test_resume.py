@@ -132,7 +132,7 @@ def save_file(tensors, path, *args, **kwargs):  # the optimizer/RNG tensors: wri
     if "step-00000150" in str(path):  # the third checkpoint: die before its manifest and rename
         os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.save_file = save_file
-from flows.cli import main
+from flows.cli.commands import main
 sys.argv = ["lmp", "run"]
 main()
 """
@@ -214,7 +214,7 @@ import lm.stages as stages
 def evaluate(*args, **kwargs):  # training has finished and written final/: die while evaluating
     os.kill(os.getpid(), signal.SIGKILL)
 stages.evaluate = evaluate
-from flows.cli import main
+from flows.cli.commands import main
 sys.argv = ["lmp", "run"]
 main()
 """

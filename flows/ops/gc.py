@@ -182,7 +182,7 @@ def _holder(path: Path, held: dict[Path, str]) -> str | None:
 def _activity(work: Path, live: list[str], held: dict[Path, str]) -> list[str]:
     """What is at work on the stage caches now: held build locks and training slots, live runs, and processes
     with files open in the caches. Empty when caches and their temporaries may be collected."""
-    from flows import slots
+    from flows.ops import slots
 
     busy = list(live)
     for name in STAGE_ROOTS:

@@ -12,7 +12,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from flows.config import PipelineSpec
-from flows.promotion import verdict
+from flows.registry.promotion import verdict
 
 HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
             "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from tests.flows.helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 
 
 def test_compare_lines_up_runs_of_different_pipelines(store):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     result = runner.invoke(app, ["compare", "--format", "json"])
     assert result.exit_code == 0, result.output
@@ -39,7 +39,7 @@ def test_compare_lines_up_runs_of_different_pipelines(store):
 
 
 def test_models_promote_rollback_and_generate_from_the_cli(store):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     listing = runner.invoke(app, ["models"])
     assert listing.exit_code == 0 and "smoke-lstm" in listing.output and "@champion → v1" in listing.output
@@ -117,8 +117,8 @@ def test_promotion_history_with_reasons_from_the_cli(mlflow_store):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows import promotion
-    from flows.cli import app
+    from flows.cli.commands import app
+    from flows.registry import promotion
 
     client = MlflowClient()
     for bpc in (2.5, 2.7):  # tiny versions: a text artifact each

@@ -27,12 +27,13 @@ BUDGET_S = 2.0
 
 @pytest.fixture(scope="module")
 def logged_model(tmp_path_factory) -> tuple[str, str]:
-    """A tiny GPT logged through ``flows.registry.log_model`` into its own store; (tracking URI, model URI)."""
+    """A tiny GPT logged through ``flows.registry.register.log_model`` into its own store; (tracking URI, model URI)."""
     import mlflow
     import torch
     from safetensors.torch import save_model
 
-    from flows import registry, tracking
+    from flows import tracking
+    from flows.registry import register as registry
     from lm.config import GPTConfig
     from lm.models import build_model
     from lm.tokenizers import CharTokenizer
@@ -246,7 +247,7 @@ def _post_or_error(server: Server, params: dict) -> tuple | OSError:
 def test_lmp_generate_refuses_out_of_range_params_with_one_line(logged_model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.commands import app
 
     tracking_uri, model_uri = logged_model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)

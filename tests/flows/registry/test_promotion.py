@@ -12,8 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_model
 
-from flows import promotion, registry
 from flows.config import PromoteConfig
+from flows.registry import promotion
+from flows.registry import register as registry
 from lm.config import GPTConfig
 from lm.models import build_model
 from lm.tokenizers import CharTokenizer
@@ -167,7 +168,7 @@ def test_the_flow_re_evaluates_a_champion_trained_on_other_data(prefect_harness,
     from flows.config import load_pipelines
     from flows.pipeline import lm_pipeline
 
-    smoke = load_pipelines(Path(__file__).resolve().parents[2] / "pipelines.yaml").get("smoke")
+    smoke = load_pipelines(Path(__file__).resolve().parents[3] / "pipelines.yaml").get("smoke")
     first = lm_pipeline(smoke, workdir=str(tmp_path / ".lmp"))
     other_data = smoke.model_copy(update={"data": smoke.data.model_copy(update={"max_chars": 150000})})
     second = lm_pipeline(other_data, workdir=str(tmp_path / ".lmp"))
@@ -247,7 +248,7 @@ def test_two_pipeline_gates_racing_are_serialised_by_the_promotion_lock(mlflow_s
                 events["a_waits"].set()
 
     handler = Waiting()
-    logging.getLogger("flows.promotion").addHandler(handler)
+    logging.getLogger("flows.registry.promotion").addHandler(handler)
     errors = []
 
     def register(bpc, tag):
@@ -272,7 +273,7 @@ def test_two_pipeline_gates_racing_are_serialised_by_the_promotion_lock(mlflow_s
         thread_a.join(60)
         thread_b.join(60)
     finally:
-        logging.getLogger("flows.promotion").removeHandler(handler)
+        logging.getLogger("flows.registry.promotion").removeHandler(handler)
     assert not errors, errors
     b, a = 2, 3  # B registered first
     assert _aliases(client, "lm") == {"champion": b, "previous": 1, "challenger": a}

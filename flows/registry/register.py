@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import lm
-from flows import promotion
 from flows.config import PromoteConfig
+from flows.registry import promotion
 from lm.checkpoint import sha256_file
 from lm.generation import GENERATION_DEFAULTS
 

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 
-from flows import slots
+from flows.ops import slots
 
 HOLD = """
 import sys, time
-from flows.slots import training_slot
+from flows.ops.slots import training_slot
 with training_slot(1):
     print("holding", flush=True)
     time.sleep(600)
@@ -53,7 +53,7 @@ def test_several_slots_let_that_many_hold_at_once(tmp_path, monkeypatch):
 
 HOLD_AS = """
 import sys, time
-from flows.slots import training_slot
+from flows.ops.slots import training_slot
 with training_slot(1, holder="shakespeare-char-gpt"):
     print("holding", flush=True)
     time.sleep(600)

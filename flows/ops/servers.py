@@ -3,7 +3,7 @@
 Both are the real engines (Prefect's server app as `prefect server start` builds it, `mlflow server`), bound to
 127.0.0.1 — they have no authentication, so they must not be reachable from other hosts, nor drivable by a web
 page the user opens: the Prefect server answers CORS for its own origin only, wants a CSRF token for every
-change, and sits behind ``flows.guard`` (a foreign ``Host`` or ``Origin`` is refused); MLflow's server refuses
+change, and sits behind ``flows.ops.guard`` (a foreign ``Host`` or ``Origin`` is refused); MLflow's server refuses
 a foreign ``Host`` and cross-origin changes by itself. The Prefect server keeps its database
 under ``.lmp/prefect/``; the MLflow server uses the project's ``mlruns/mlflow.db`` and gives new experiments
 the file artifact root ``mlruns/artifacts`` — the embedded store's own — so a pipeline tracked through the
@@ -23,13 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.guard import allowed_hosts, allowed_origins
+from flows.ops.guard import allowed_hosts, allowed_origins
 from flows.resume import _alive
 from lm.atomic import atomic_write_bytes
 
 STATE = "servers.json"
 HEALTH_TIMEOUT_S = 90.0
-APP_DIR = Path(__file__).resolve().parents[1]  # where `flows` is imported from (not a `flows/` in the project)
+APP_DIR = Path(__file__).resolve().parents[2]  # where `flows` is imported from (not a `flows/` in the project)
 
 
 class ServersError(RuntimeError):
@@ -111,9 +111,9 @@ def mlflow_command(root: Path, port: int) -> list[str]:
 
 
 def prefect_command(port: int) -> list[str]:
-    """Prefect's server app (API, UI, services) behind flows.guard, served by uvicorn as `prefect server start` does."""
+    """Prefect's server app (API, UI, services) behind flows.ops.guard, as `prefect server start` serves it."""
     return [
-        sys.executable, "-m", "uvicorn", "--app-dir", str(APP_DIR), "--factory", "flows.guard:create_app",
+        sys.executable, "-m", "uvicorn", "--app-dir", str(APP_DIR), "--factory", "flows.ops.guard:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on", "--no-proxy-headers",
         "--timeout-keep-alive", "5", "--ws-ping-interval", "20", "--ws-ping-timeout", "20", "--log-level", "warning",
     ]  # fmt: skip
@@ -124,7 +124,7 @@ def prefect_env(port: int, workdir: Path) -> dict[str, str]:
     return {
         "PREFECT_HOME": str((workdir / "prefect").resolve()),
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),  # flows.guard reads it: the Host and Origin it accepts
+        "PREFECT_SERVER_API_PORT": str(port),  # flows.ops.guard reads it: the Host and Origin it accepts
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(allowed_origins(port)),

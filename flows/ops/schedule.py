@@ -11,7 +11,7 @@ enforces its parameter schema too, so Prefect refuses most such requests when th
 
 Where the file, the work directory and the project are is fixed by `lmp schedule` (``run_context_env``,
 inherited by the runs it starts), never a run parameter. Schedules need a Prefect server that outlives this
-process (``flows.servers.use``), chosen before this module imports Prefect.
+process (``flows.ops.servers.use``), chosen before this module imports Prefect.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class ClosedSchema(ParameterSchema):
 
 def _closed_schema(deployment):
     """``deployment`` with a closed parameter schema (what apply() sends; Prefect 3.9 has no option for it —
-    tests/flows/test_servers.py checks the server answers 409 to a `spec`)."""
+    tests/flows/ops/test_servers.py checks the server answers 409 to a `spec`)."""
     open_schema = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
     deployment._parameter_openapi_schema = ClosedSchema(**open_schema, additionalProperties=False)
     return deployment

@@ -1,5 +1,5 @@
 """`lmp up`, `lmp down`, `lmp schedule`, `lmp ui`: local servers and scheduled runs (registered on `lmp` by
-flows.cli)."""
+flows.cli.commands)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli_models import WORK_DIR, console, fail
+from flows.cli.common import WORK_DIR, console, fail, load, options
 
 
 def up(
@@ -21,7 +21,7 @@ def up(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow tracking server (UI and API).")] = 5000,
 ) -> None:
     """Start a local Prefect server and MLflow tracking server on 127.0.0.1 and wait until both answer."""
-    from flows import servers
+    from flows.ops import servers
 
     try:
         state = servers.up(Path.cwd(), WORK_DIR, prefect_port, mlflow_port)
@@ -38,7 +38,7 @@ def up(
 
 def down() -> None:
     """Stop the servers `lmp up` started."""
-    from flows import servers
+    from flows.ops import servers
 
     try:
         stopped = servers.down(WORK_DIR)
@@ -64,14 +64,13 @@ def schedule(
     """Serve one Prefect deployment per scheduled pipeline; runs execute here until Ctrl-C.
 
     Each run re-reads the pipelines file and accepts only the pipeline's name and allow-listed overrides."""
-    from flows import servers
-    from flows.cli import _load
+    from flows.ops import servers
 
     try:
         env = servers.use(WORK_DIR)
     except servers.ServersError as e:
         raise fail(str(e)) from None
-    from flows import schedule as scheduling  # imports Prefect: only now that its API is chosen
+    from flows.ops import schedule as scheduling  # imports Prefect: only now that its API is chosen
 
     if list_:
         table = Table(title=f"scheduled pipelines on {env['PREFECT_API_URL']}")
@@ -81,7 +80,7 @@ def schedule(
             table.add_row(row["deployment"], row["schedule"], "yes" if row["active"] else "paused", row["next run"])
         console.print(table)
         return
-    file = _load(config)
+    file = load(config)
     names = pipelines or [name for name, spec in file.pipelines.items() if spec.schedule is not None]
     unknown = [n for n in names if n not in file.pipelines]
     unscheduled = [n for n in names if n in file.pipelines and file.pipelines[n].schedule is None]
@@ -104,7 +103,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you add auth.")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow UI on the embedded store and print its address (Ctrl-C stops it)."""
-    from flows import servers
+    from flows.ops import servers
 
     if not servers.port_free(port):  # checked before anything starts: the URL would serve someone else
         raise fail(f"port {port} is in use (another MLflow UI, or `lmp up`?); pick a free one with --port")
@@ -119,16 +118,15 @@ def ui(
         args += ["--default-artifact-root", artifacts]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     address = tracking.ui_url(f"http://{host}:{port}")
-    from flows.cli import _options
 
     # The server's own start-up notices, deprecation warnings and access log go to a file (--verbose: here).
     log_path = (tracking.project_root(Path.cwd()) or Path.cwd()) / WORK_DIR / "logs" / "mlflow-ui.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} at [bold]{address}[/bold] (Ctrl-C to stop)", soft_wrap=True)
-    if not _options["verbose"]:
+    if not options["verbose"]:
         console.print(f"server log: {log_path}", markup=False, highlight=False, soft_wrap=True)
     with open(log_path, "ab") as log:
-        output = None if _options["verbose"] else log
+        output = None if options["verbose"] else log
         proc = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too, not only Ctrl-C
     try:
@@ -144,5 +142,5 @@ def ui(
                 proc.kill()
                 proc.wait()
     if code:  # the server stopped by itself: say why, from its log
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if not _options["verbose"] else []
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if not options["verbose"] else []
         raise fail(f"the MLflow server stopped (exit {code}){': ' + tail[0] if tail else ''}; its log: {log_path}", 1)

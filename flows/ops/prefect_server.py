@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows.guard import allowed_origins
+from flows.ops.guard import allowed_origins
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -64,7 +64,7 @@ class TemporaryServer:
         app_dir = Path(next(iter(spec.submodule_search_locations))).parent
         command = [
             sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
-            "--factory", "flows.guard:create_api_app",  # Prefect's app behind the loopback Host/Origin guard
+            "--factory", "flows.ops.guard:create_api_app",  # Prefect's app behind the loopback Host/Origin guard
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
         env = os.environ | {

@@ -15,8 +15,10 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_model
 
-from flows import promotion, registry, tracking
+from flows import tracking
 from flows.config import PromoteConfig
+from flows.registry import promotion
+from flows.registry import register as registry
 from lm.config import GPTConfig
 from lm.models import build_model
 from lm.tokenizers import CharTokenizer

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lm.metrics import METRICS, RENAMED
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 DIGEST_A, DIGEST_B = "a1" * 32, "b2" * 32
 
@@ -38,7 +38,8 @@ def compare_store(tmp_path_factory):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows import promotion, tracking
+    from flows import tracking
+    from flows.registry import promotion
 
     path = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:
@@ -89,7 +90,7 @@ def models(compare_store, monkeypatch):
 
 
 def _json(*args: str) -> list[dict]:
-    from flows.cli import app
+    from flows.cli.commands import app
 
     result = runner.invoke(app, ["compare", *args, "--format", "json"])
     assert result.exit_code == 0, result.output
@@ -121,7 +122,7 @@ def test_data_digest_and_status_are_columns_and_different_data_is_called_out(run
     rows = {r["run"]: r for r in _json("lm")}
     assert rows[runs["lm-good"]]["data"] == DIGEST_A[:12] and rows[runs["lm-bad"]]["data"] == DIGEST_B[:12]
     assert rows[runs["lm-failed"]]["status"] == "FAILED"
-    from flows.cli import app
+    from flows.cli.commands import app
 
     table = runner.invoke(app, ["compare", "lm"])
     assert table.exit_code == 0, table.output
@@ -131,7 +132,7 @@ def test_data_digest_and_status_are_columns_and_different_data_is_called_out(run
 
 
 def test_sort_follows_the_unit_table_and_refuses_metrics_the_runs_do_not_share(runs):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     ordered = [r["run"] for r in _json("lm", "--sort", "val_bpc")]
     assert ordered == [runs[n] for n in ("lm-good", "lm-bad", "lm-failed")]  # lower is better; no value last
@@ -145,7 +146,7 @@ def test_sort_follows_the_unit_table_and_refuses_metrics_the_runs_do_not_share(r
 
 
 def test_where_filters_with_a_small_parser_and_refuses_anything_else(runs):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     assert {r["run"] for r in _json("--where", "pipeline=lm", "--where", "status=FINISHED")} == {
         runs["lm-good"],
@@ -166,7 +167,7 @@ def test_where_filters_with_a_small_parser_and_refuses_anything_else(runs):
 
 
 def test_csv_keeps_the_columns(runs):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     result = runner.invoke(app, ["compare", "lm", "--format", "csv"])
     assert result.exit_code == 0
@@ -186,7 +187,7 @@ def test_csv_keeps_the_columns(runs):
     ],
 )
 def test_an_unknown_model_is_named_with_the_models_there_are(models, args):
-    from flows.cli import app
+    from flows.cli.commands import app
 
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
@@ -198,7 +199,7 @@ def test_promote_an_unknown_model_exits_2_in_a_real_process(models, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": models, "TMPDIR": str(tmp_path)}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "promote", "no-such-model"],
+        [sys.executable, "-m", "flows.cli.commands", "promote", "no-such-model"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def project(tmp_path, monkeypatch) -> Path:
     (tmp_path / "outside.txt").write_text("a file outside the project\n" * 100)
     monkeypatch.chdir(path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    from flows import schedule
+    from flows.ops import schedule
 
     for key, value in schedule.run_context_env(path / "pipelines.yaml", path / ".lmp", path).items():
         monkeypatch.setenv(key, value)  # what `lmp schedule` sets for the runs it serves
@@ -35,7 +35,7 @@ def project(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def executed(monkeypatch) -> list:
     """The specs scheduled_pipeline handed to the pipeline (which is not run here)."""
-    from flows import schedule
+    from flows.ops import schedule
 
     calls: list = []
     monkeypatch.setattr(schedule, "_run_pipeline", lambda spec, workdir, base_dir: calls.append(spec) or {"ok": 1})
@@ -43,8 +43,8 @@ def executed(monkeypatch) -> list:
 
 
 def test_the_allow_list_is_the_schedules_own_keys_and_max_steps_never_data(project):
-    from flows import schedule
     from flows.config import load_pipelines
+    from flows.ops import schedule
 
     spec = load_pipelines(project / "pipelines.yaml").get("smoke")
     allowed = schedule.allowed_overrides(spec)
@@ -56,7 +56,7 @@ def test_the_allow_list_is_the_schedules_own_keys_and_max_steps_never_data(proje
 
 
 def test_allowed_overrides_are_validated_and_applied_over_the_schedules_own(project):
-    from flows import schedule
+    from flows.ops import schedule
 
     spec = schedule.resolve("smoke", {"train.max_steps": 7}, project / "pipelines.yaml")
     assert (spec.train.max_steps, spec.train.learning_rate, spec.data.max_chars) == (7, 0.002, 100000)
@@ -71,8 +71,8 @@ def test_allowed_overrides_are_validated_and_applied_over_the_schedules_own(proj
 def test_a_deployment_carries_the_pipeline_name_only_and_enforces_its_schema(project):
     from prefect.utilities.schema_tools import ValidationError, validate
 
-    from flows import schedule
     from flows.config import load_pipelines
+    from flows.ops import schedule
 
     (deployment,) = schedule.deployments([load_pipelines(project / "pipelines.yaml").get("smoke")])
     assert deployment.parameters == {"pipeline": "smoke"}
@@ -92,7 +92,7 @@ def test_a_deployment_carries_the_pipeline_name_only_and_enforces_its_schema(pro
 def test_a_run_with_an_override_outside_the_allow_list_fails_and_runs_nothing(
     prefect_harness, project, executed, caplog
 ):
-    from flows.schedule import scheduled_pipeline
+    from flows.ops.schedule import scheduled_pipeline
 
     state = scheduled_pipeline("smoke", {"data.allow_outside": True}, return_state=True)
     assert state.is_failed()
@@ -108,7 +108,7 @@ def test_a_run_with_an_override_outside_the_allow_list_fails_and_runs_nothing(
 
 
 def test_a_deployment_runs_its_own_pipeline_only(project):
-    from flows import schedule
+    from flows.ops import schedule
 
     with pytest.raises(schedule.Refused, match=r"^deployment 'other' runs pipeline 'other' only, not 'smoke'"):
         schedule.resolve("smoke", {}, project / "pipelines.yaml", deployment="other")
@@ -138,7 +138,7 @@ def _asgi_call(app, headers: dict[str, str], kind: str = "http") -> tuple[int | 
 
 
 def test_the_guard_refuses_a_foreign_host_or_origin_and_lets_loopback_through():
-    from flows.guard import LoopbackGuard
+    from flows.ops.guard import LoopbackGuard
 
     async def inner(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})

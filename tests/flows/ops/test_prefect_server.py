@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from flows import prefect_server
+from flows.ops import prefect_server
 
 
 def test_an_api_url_in_the_environment_profile_or_settings_file_is_used(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import yaml
 
 from tests.flows.helpers import free_port, http
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LMP = str(Path(sys.executable).with_name("lmp"))
 
 

@@ -14,7 +14,7 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
 from flows import tracking
-from flows.report import _png_image, card_parts, loss_curve_png
+from flows.registry.reports import _png_image, card_parts, loss_curve_png
 from lm.metrics import METRICS
 
 HEADLINE = (

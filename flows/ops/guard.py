@@ -3,7 +3,7 @@
 Prefect's server has no authentication and, by default, answers any web page the user happens to open:
 CORS allows every origin, and a foreign ``Host:`` (DNS rebinding: ``evil.example`` resolving to
 127.0.0.1) is served like a local one. `lmp up` therefore starts Prefect with CORS limited to its own
-origin and CSRF protection on (Prefect settings, see ``flows.servers``), and serves it through
+origin and CSRF protection on (Prefect settings, see ``flows.ops.servers``), and serves it through
 ``create_app`` here, which refuses before Prefect sees them
 
 - a request whose ``Host:`` is not a loopback name (127.0.0.1, localhost, [::1], with or without the port);
@@ -11,8 +11,8 @@ origin and CSRF protection on (Prefect settings, see ``flows.servers``), and ser
   a browser sends without asking first.
 
 The Prefect client and the runner send no ``Origin`` and a ``Host`` of 127.0.0.1:PORT; the UI in a browser is
-same-origin. Both pass. Started as ``uvicorn --factory flows.guard:create_app``; the port comes from
-``PREFECT_SERVER_API_PORT`` (set by ``flows.servers``).
+same-origin. Both pass. Started as ``uvicorn --factory flows.ops.guard:create_app``; the port comes from
+``PREFECT_SERVER_API_PORT`` (set by ``flows.ops.servers``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def create_app():
 
 
 def create_api_app():
-    """The API-only server `lmp run` starts for itself (flows.prefect_server), behind the same guard: it lives
+    """The API-only server `lmp run` starts for itself (flows.ops.prefect_server), behind the same guard: it lives
     for one run on a random port, but a page that guessed the port still must not read or change runs."""
     from prefect.server.api.server import create_app as prefect_app
 

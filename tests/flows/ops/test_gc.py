@@ -87,8 +87,8 @@ def make_run(client, root: Path, status: str, start: int, *, steps=(10, 20), fin
 
 
 def gc_app() -> typer.Typer:
-    """A tiny app that registers the gc command as flows/cli.py does."""
-    from flows import gc
+    """A tiny app that registers the gc command as flows/cli/commands.py does."""
+    from flows.ops import gc
 
     app = typer.Typer()
 
@@ -115,8 +115,8 @@ def tree(root: Path) -> set[str]:
 
 
 def test_gc_module_plans_and_runs(project, client):
-    """The fail-first check: flows/gc.py exists and plans a finished run's checkpoints for removal."""
-    from flows.gc import plan_gc, run_gc
+    """The fail-first check: flows/ops/gc.py exists and plans a finished run's checkpoints for removal."""
+    from flows.ops.gc import plan_gc, run_gc
 
     old = make_run(client, project, "FINISHED", 1_000, final=True)
     make_run(client, project, "FINISHED", 2_000, final=True)
@@ -129,7 +129,7 @@ def test_gc_module_plans_and_runs(project, client):
 
 
 def test_dry_run_deletes_nothing_and_reports_sizes(project, client):
-    from flows.gc import human, plan_gc
+    from flows.ops.gc import human, plan_gc
 
     build_caches(project, max_chars=600)  # an earlier config's caches: orphans now
     build_caches(project)
@@ -155,7 +155,7 @@ def test_dry_run_deletes_nothing_and_reports_sizes(project, client):
 def test_resumable_and_live_runs_are_kept(project, client):
     """The newest run KILLED: `lmp run` resumes it, so its checkpoints stay, as do the caches it was made
     from; a RUNNING run whose process lives is left alone; an older interrupted run is superseded."""
-    from flows.gc import plan_gc
+    from flows.ops.gc import plan_gc
     from flows.resume import HOST_TAG, PID_TAG, process_tags
 
     old_corpus, old_tokens = build_caches(project, max_chars=600)  # the resumable run was made from these
@@ -187,7 +187,7 @@ def test_resumable_and_live_runs_are_kept(project, client):
     notes = " ".join(plan.notes)
     assert resumable in notes and "resum" in notes and live in notes
 
-    from flows.gc import run_gc
+    from flows.ops.gc import run_gc
 
     run_gc(plan)
     assert sorted(p.name for p in runs.iterdir()) == sorted([resumable, live])
@@ -216,7 +216,7 @@ def test_keep_last(project, client):
 
 
 def test_current_config_caches_kept_orphans_removed(project, client):
-    from flows.gc import plan_gc, run_gc
+    from flows.ops.gc import plan_gc, run_gc
 
     orphan_corpus, orphan_tokens = build_caches(project, max_chars=600)
     corpus, tokens = build_caches(project)
@@ -245,7 +245,7 @@ def test_current_config_caches_kept_orphans_removed(project, client):
 
 
 def test_unreadable_config_keeps_every_cache(project, client):
-    from flows.gc import plan_gc
+    from flows.ops.gc import plan_gc
 
     build_caches(project, max_chars=600)
     build_caches(project)
@@ -256,7 +256,7 @@ def test_unreadable_config_keeps_every_cache(project, client):
 
 
 def test_orphan_temp_dirs_removed_unless_a_writer_holds_them(project, client):
-    from flows.gc import plan_gc, run_gc
+    from flows.ops.gc import plan_gc, run_gc
 
     build_caches(project)
     work = project / ".lmp"
@@ -291,7 +291,7 @@ def test_orphan_temp_dirs_removed_unless_a_writer_holds_them(project, client):
 
 
 def test_nothing_a_process_holds_open_is_removed(project, client):
-    from flows.gc import plan_gc
+    from flows.ops.gc import plan_gc
 
     orphan, _ = build_caches(project, max_chars=600)
     build_caches(project)
@@ -316,7 +316,7 @@ def test_an_interrupted_gc_leaves_no_valid_looking_cache(project, client, monkey
     directory (collected next time), never a half-deleted cache that a run would take as valid."""
     import shutil
 
-    from flows import gc
+    from flows.ops import gc
     from lm import data
 
     orphan, _ = build_caches(project, max_chars=600)
@@ -341,8 +341,8 @@ def test_an_interrupted_gc_leaves_no_valid_looking_cache(project, client, monkey
 
 
 def test_metrics_buffer_is_never_removed(project, client):
-    from flows.gc import plan_gc, run_gc
     from flows.metric_sink import BUFFER_NAME
+    from flows.ops.gc import plan_gc, run_gc
 
     old = make_run(client, project, "FINISHED", 1_000, final=True)
     make_run(client, project, "FINISHED", 2_000, final=True)
@@ -371,8 +371,8 @@ def test_empty_or_missing_work_dir(project):
 
 def test_a_held_training_slot_leaves_caches_alone(project, client):
     """A training slot held (by any process of this user): something trains, caches may be in use."""
-    from flows import slots
-    from flows.gc import plan_gc
+    from flows.ops import slots
+    from flows.ops.gc import plan_gc
 
     build_caches(project, max_chars=600)
     build_caches(project)
@@ -385,7 +385,7 @@ def test_a_held_training_slot_leaves_caches_alone(project, client):
 
 
 def test_scratch_downloads_go_once_idle(project, client):
-    from flows.gc import SCRATCH_IDLE_S, plan_gc
+    from flows.ops.gc import SCRATCH_IDLE_S, plan_gc
 
     scratch = project / ".lmp" / "promote" / "champion-v3"
     scratch.mkdir(parents=True)

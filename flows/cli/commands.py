@@ -14,22 +14,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows import cli_models, cli_servers
-from flows import gc as gc_command
-from flows.cli_models import fail
-from flows.config import ConfigError, PipelinesFile, PipelineSpec, load_pipelines
+from flows.cli import models as cli_models
+from flows.cli import servers as cli_servers
+from flows.cli.common import WORK_DIR, console, err, fail, load, options, pipeline_spec, user_error
+from flows.config import ConfigError, PipelineSpec
+from flows.ops import gc as gc_command
 from lm.errors import DataError
 from lm.metrics import METRICS as METRIC_TABLE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
-console = Console()
-err = Console(stderr=True)
-WORK_DIR = Path(".lmp")
 SUMMARY_METRICS = (
     "val_macro_f1",
     "val_label_accuracy",
@@ -49,7 +46,6 @@ OverrideOption = Annotated[
         help="Set a key of the pipeline's config for this command, e.g. -o train.max_steps=200 (repeatable).",
     ),
 ]
-_options = {"verbose": False}
 # MLflow's switches for output that tells an `lmp` user nothing: tqdm bars for local artifact copies, the
 # "View run … at …" lines at the end of every run on a server (the summary prints the run's page), and its INFO
 # log lines (new database tables, "Skip logging GPU metrics", system-metrics start/stop). A value the user set
@@ -75,8 +71,8 @@ def _global_options(
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print lmp's version and exit.")
     ] = False,
 ) -> None:
-    _options["verbose"] = verbose or os.environ.get("LMP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    quiet = QUIET_MLFLOW if _options["verbose"] else QUIET_MLFLOW | {"MLFLOW_LOGGING_LEVEL": "WARNING"}
+    options["verbose"] = verbose or os.environ.get("LMP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    quiet = QUIET_MLFLOW if options["verbose"] else QUIET_MLFLOW | {"MLFLOW_LOGGING_LEVEL": "WARNING"}
     for name, value in quiet.items():
         os.environ.setdefault(name, value)  # before MLflow is imported: it reads its logging level then
 
@@ -108,7 +104,7 @@ class _EngineChatter(logging.Filter):
 
 def _quiet_prefect() -> None:
     """Prefect's console without the engine's chatter (see ``_EngineChatter``); --verbose keeps everything."""
-    if _options["verbose"]:
+    if options["verbose"]:
         return
     import prefect
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -120,31 +116,6 @@ def _quiet_prefect() -> None:
             isinstance(f, _EngineChatter) for f in handler.filters
         ):
             handler.addFilter(_EngineChatter(str(Path(prefect.__file__).parent)))
-
-
-def _user_error(error: BaseException, code: int = 2) -> typer.Exit:
-    """One ``error:`` line for an error in the user's input or environment (the traceback with --verbose)."""
-    if _options["verbose"]:
-        err.print_exception(show_locals=False)
-    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _load(config: Path, pipeline: str | None = None, overrides: list[str] | None = None) -> PipelinesFile:
-    try:
-        return load_pipelines(config, overrides=overrides or (), pipeline=pipeline)
-    except ConfigError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-def _spec(config: Path, name: str | None, overrides: list[str] | None = None) -> PipelineSpec:
-    pipelines = _load(config, name, overrides)
-    try:
-        return pipelines.get(name)
-    except KeyError as e:
-        err.print(f"[red]error:[/red] {escape(e.args[0])} (in {escape(str(config))})", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def _progress_listener(progress: Progress, spec: PipelineSpec):
@@ -203,8 +174,8 @@ def run(
     """Run one pipeline end to end: ingest, tokenize, train, evaluate, register.
 
     An interrupted earlier run of the same pipeline resumes from its newest valid checkpoint."""
-    spec = _spec(config, pipeline, overrides)
-    from flows import prefect_server
+    spec = pipeline_spec(config, pipeline, overrides)
+    from flows.ops import prefect_server
 
     # Boot Prefect's temporary API server (≈ 5 s) while the imports below run (≈ 4 s).
     server = prefect_server.start_if_needed(WORK_DIR / "logs" / "prefect-server.log")
@@ -239,9 +210,9 @@ def run(
             with tracking.listening(_progress_listener(progress, spec)), _heartbeats(server is None):
                 result = lm_pipeline(spec, workdir=str(WORK_DIR), base_dir=str(Path.cwd()), fresh=fresh)
     except (DataError, ConfigError) as e:  # bad input, a refused resume, a missing model: the user's to fix
-        raise _user_error(e) from None
+        raise user_error(e) from None
     except (RankFailed, tracking.TrackingUnavailable) as e:  # a rank died; the tracking server stayed away
-        raise _user_error(e, code=1) from None
+        raise user_error(e, code=1) from None
     except TrainingInterrupted as e:
         err.print(escape(stopped_message(e)), highlight=False, soft_wrap=True)
         raise typer.Exit(128 + (STOP.signal or signal.SIGTERM)) from None
@@ -253,7 +224,7 @@ def run(
 
 def _summary(spec: PipelineSpec, result: dict, wall: float, uri: str) -> Table:
     """The run in a few rows: headline metrics, time, stages, what the gate decided and where to look."""
-    from flows.promotion import verdict
+    from flows.registry.promotion import verdict
 
     metrics, registered = result["metrics"], result["registered"]
     table = Table(title=f"{spec.name}: done", show_header=False)
@@ -287,10 +258,10 @@ def sweep(
 ) -> None:
     """Run the pipeline's hyperparameter sweep on a Dask cluster: a live table of the trials, then the
     ranking; the best trial's model is registered and gated."""
-    spec = _spec(config, pipeline, overrides)
+    spec = pipeline_spec(config, pipeline, overrides)
     if spec.sweep is None:
         raise fail(f"pipeline {spec.name!r} has no `sweep:` section; add one (see README, Scaling out)")
-    from flows import prefect_server
+    from flows.ops import prefect_server
 
     server = prefect_server.start_if_needed(WORK_DIR / "logs" / "prefect-server.log")
     from flows import sweep as sweeping
@@ -329,7 +300,7 @@ def plan(
     """Say, without running anything, which stages the next run reuses from cache and why the others run."""
     from lm.plan import plan as make_plan
 
-    spec = _spec(config, pipeline, overrides)
+    spec = pipeline_spec(config, pipeline, overrides)
     from flows import tracking
     from flows.resume import pending_resume
 
@@ -356,7 +327,7 @@ def plan(
 @app.command("list")
 def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     """The pipelines in the config file, one line each."""
-    pipelines = _load(config)
+    pipelines = load(config)
     table = Table(show_header=True)
     table.add_column("pipeline")
     table.add_column("model")
@@ -387,7 +358,7 @@ def _report_error(error: Exception) -> int:
     """One ``error:`` line for an error no command handled — what a damaged or read-only store means and what
     to do, the tracking server that stayed away, or the error itself — and the exit status (2: a damaged
     store; 1: anything else). The traceback only with ``--verbose``."""
-    if _options["verbose"]:
+    if options["verbose"]:
         err.print_exception(show_locals=False)
     message, code, known = f"{type(error).__name__}: {error}", 1, False
     if "mlflow" in sys.modules:
@@ -399,7 +370,7 @@ def _report_error(error: Exception) -> int:
         elif stopped is not None:
             message, known = str(stopped), True
     first = (message.strip().splitlines() or [type(error).__name__])[0]
-    hint = "" if known or _options["verbose"] else " (`lmp --verbose …` shows the traceback)"
+    hint = "" if known or options["verbose"] else " (`lmp --verbose …` shows the traceback)"
     err.print(f"[red]error:[/red] {escape(first)}{hint}", highlight=False, soft_wrap=True)
     return code
 

@@ -1,7 +1,7 @@
 """`lmp compare`, `lmp models`, `lmp promote`, `lmp rollback`, `lmp generate`: the registry workflow.
 
 Each command reads the same MLflow store `lmp run` writes (``MLFLOW_TRACKING_URI`` or the embedded
-``sqlite:///mlruns/mlflow.db``); ``flows.cli`` registers them on the `lmp` app.
+``sqlite:///mlruns/mlflow.db``); ``flows.cli.commands`` registers them on the `lmp` app.
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.cli.common import WORK_DIR, console, fail
 from lm.metrics import HEADLINE, METRICS, PER_TASK_OBJECTIVE, RENAMED, TASKS, describe, metric
-
-console = Console()
-err = Console(stderr=True)
-WORK_DIR = Path(".lmp")
 
 COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format); metric columns come from lm.metrics
     "pipeline": ("tags.pipeline", "{}"),
@@ -60,12 +57,6 @@ OPS = {
 }
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(@[^/]+|/\d+)/?$")
 PREFIX_COLUMNS = ("run", "data")  # `=` matches a prefix: people paste the short form the table shows
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: message`` to stderr; returns the Exit to raise (status 2: bad input)."""
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _client():
@@ -361,7 +352,7 @@ HISTORY_COLUMNS = ("model", "version", "when", "event", "who", "challenger", "ch
 
 def _show_history(client, names: list[str], format: str) -> None:
     """The promotion history of each version of ``names``: per version, newest last."""
-    from flows import promotion
+    from flows.registry import promotion
 
     rows = [entry for name in names for entry in promotion.history(client, name)]
     if format == "json":
@@ -425,8 +416,9 @@ def promote(
 ) -> None:
     """Run the promotion gate for a version against @champion and move the aliases if it passes (under the
     model's promotion lock; every decision is appended to the version's history)."""
-    from flows import promotion, registry
     from flows.config import ClassifierSpec, PipelineSpec
+    from flows.registry import promotion
+    from flows.registry import register as registry
 
     client = _client()
     _require_model(client, model)
@@ -469,7 +461,7 @@ def rollback(
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the promotion history).")] = "",
 ) -> None:
     """Make @previous the @champion again (recorded in both versions' promotion history)."""
-    from flows import promotion
+    from flows.registry import promotion
 
     client = _client()
     _require_model(client, model)

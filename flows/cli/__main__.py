@@ -1,0 +1,3 @@
+from flows.cli.commands import main
+
+main()
