@@ -3,7 +3,8 @@
 A corpus directory ``<root>/<digest[:16]>`` holds ``train.txt``, ``val.txt`` (``test.txt``) and
 ``manifest.json``. The ingest cache key digests what the corpus depends on — the source spec, the
 source files' contents, the cleaning and split configs and this code — and ``<root>/index/<key>.json``
-points at the corpus it produced. A hit is re-verified against the files on disk before it is trusted.
+points at the corpus it produced (``lm.cache``, by content). A hit is re-verified against the files on disk
+(their digest) before it is trusted.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``<root>/<key[:16]>/`` holds ``tokenizer.json``, ``<split>.bin`` (uint16, or uint32 for vocabularies
 over 65,536) and ``manifest.json``. The key digests the data digest, the tokenizer config and the
-tokenizer code; a hit is checked (file sizes, tokenizer digest) before it is trusted.
+tokenizer code (``lm.cache``, by key); a hit is checked (file sizes, tokenizer digest) before it is trusted.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A dataset directory ``<root>/<digest[:16]>`` holds ``train.jsonl``, ``val.jsonl`` (``test.jsonl``) —
 one ``{"text", "label"}`` object per line, the label an index into ``labels`` — and ``manifest.json``.
 ``<root>/index/<key>.json`` maps the digest of everything the dataset depends on (the source spec,
-its files' contents, this code) to it, so an unchanged source is not read twice.
+its files' contents, this code) to it (``lm.cache``, by content), so an unchanged source is not read twice.
 """
 
 from __future__ import annotations
