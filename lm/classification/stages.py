@@ -72,7 +72,8 @@ def encode(dataset: dict, tokenizer: TokenizerConfig | Path, root: Path, *, max_
     }
 
     def intact(entry: Entry) -> bool:
-        return all(sha256_file(entry.path / f) == h for f, h in entry.manifest["files"].items())
+        files, examples = entry.manifest["files"], entry.manifest["examples"]
+        return isinstance(examples, dict) and all(sha256_file(entry.path / f) == h for f, h in files.items())
 
     def build(tmp: Path) -> dict:
         tok.save(tmp / "tokenizer.json")
