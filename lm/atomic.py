@@ -63,24 +63,39 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finishing at once take turns (the parent directory's lock): each swap is whole, the last one stays.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with staged_dir(target.parent, target.name) as tmp:
+        yield tmp
+        replace_dir(tmp, target)
+
+
+@contextmanager
+def staged_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A new temporary directory ``<parent>/.<name>.tmp-*`` for a directory whose final name may not be known
+    until it is written (a content digest); ``replace_dir`` puts it in place. Removed on leaving the block
+    unless it was put in place, so an exception leaves nothing behind."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
     try:
         yield tmp
-        _fsync_dir(tmp)
-        with locked(target.parent):
-            if target.exists():
-                # a unique empty directory that rename(2) may replace: never another process's backup
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once replace_dir moved it
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Put the finished directory ``tmp`` at its sibling ``target`` in one rename, replacing what is there."""
+    tmp, target = Path(tmp), Path(target)
+    _fsync_dir(tmp)
+    with locked(target.parent):
+        if target.exists():
+            # a unique empty directory that rename(2) may replace: never another process's backup
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    _fsync_dir(target.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

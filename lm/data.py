@@ -3,19 +3,19 @@
 A corpus directory ``<root>/<digest[:16]>`` holds ``train.txt``, ``val.txt`` (``test.txt``) and
 ``manifest.json``. The ingest cache key digests what the corpus depends on — the source spec, the
 source files' contents, the cleaning and split configs and this code — and ``<root>/index/<key>.json``
-points at the corpus it produced. A hit is re-verified against the files on disk before it is trusted.
+points at the corpus it produced (``lm.cache``, by content). A hit is re-verified against the files on disk
+(their digest) before it is trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lm import sources
-from lm.atomic import atomic_dir, atomic_write_bytes, build_once
+from lm.cache import Entry, StageCache, inputs_key
 from lm.config import CleanConfig, DataConfig, SplitConfig
 from lm.corpora.shakespeare import Document
 from lm.errors import DataError
@@ -130,22 +130,26 @@ def ingest_inputs(cfg: DataConfig, base_dir: Path) -> dict:
     }
 
 
-def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+def _intact(entry: Entry) -> bool:
+    """The corpus files still digest to what the index recorded (edited or truncated: rebuild, never trust)."""
+    path, manifest = entry.path, entry.manifest
+    texts = {s: path.joinpath(f"{s}.txt").read_text(encoding="utf-8") for s in manifest["chars"]}
+    return isinstance(manifest["documents"], int) and corpus_digest(texts) == entry.digest
+
+
+def _cache(root: Path) -> StageCache:
+    return StageCache(Path(root), _intact, by_content=True)
+
+
+def _corpus(entry: Entry) -> Corpus:
+    m = entry.manifest
+    return Corpus(entry.path, entry.digest, m["documents"], m["chars"], cached=entry.cached)
 
 
 def cached_corpus(root: Path, key: str) -> Corpus | None:
     """The corpus an earlier ingest with this key produced, if it is still intact on disk."""
-    try:
-        entry = json.loads((Path(root) / "index" / f"{key}.json").read_text())
-        path = Path(root) / entry["digest"][:16]
-        manifest = json.loads((path / "manifest.json").read_text())
-        texts = {s: path.joinpath(f"{s}.txt").read_text(encoding="utf-8") for s in manifest["chars"]}
-    except (OSError, ValueError, KeyError):
-        return None
-    if corpus_digest(texts) != entry["digest"]:
-        return None  # edited or truncated on disk: rebuild, never trust
-    return Corpus(path, entry["digest"], manifest["documents"], manifest["chars"], cached=True)
+    entry = _cache(root).find(key)
+    return None if entry is None else _corpus(entry)
 
 
 def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int = 2) -> tuple[Corpus, dict]:
@@ -156,18 +160,17 @@ def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int 
     root = Path(root)
     inputs = ingest_inputs(cfg, base_dir)
     key = inputs_key(inputs)
+    entry = _cache(root).get_or_build(
+        inputs, lambda tmp: _build(cfg, root, key, tmp, base_dir=base_dir, min_chars=min_chars)
+    )
+    report = {"cached": entry.cached, "key": key}
+    if not entry.cached:
+        report |= {k: entry.manifest[k] for k in ("counts", "skipped", "replaced_chars")}
+    return _corpus(entry), report | {"inputs": inputs}
 
-    def found() -> tuple[Corpus, dict] | None:
-        hit = cached_corpus(root, key)
-        return None if hit is None else (hit, {"cached": True, "key": key, "inputs": inputs})
 
-    return build_once(root, key, found, lambda: _build(cfg, root, key, inputs, base_dir=base_dir, min_chars=min_chars))
-
-
-def _build(
-    cfg: DataConfig, root: Path, key: str, inputs: dict, *, base_dir: Path, min_chars: int
-) -> tuple[Corpus, dict]:
-    """``build_corpus`` after a cache miss, holding the key's lock."""
+def _build(cfg: DataConfig, root: Path, key: str, tmp: Path, *, base_dir: Path, min_chars: int) -> dict:
+    """``build_corpus`` after a cache miss, holding the key's lock: the split texts into ``tmp``; the manifest."""
     docs, load_report = sources.load(cfg, Path(base_dir), root / "cache")
     name = sources.describe(cfg)
     if not docs:
@@ -177,34 +180,23 @@ def _build(
         raise DataError(f"data source {name}: every document was filtered out by cleaning ({counts})")
     texts = split(docs, cfg.split, cfg.max_chars)
     _check_sizes(name, texts, cfg.split, min_chars, len(docs))
-    digest = corpus_digest(texts)
-    chars = {s: len(t) for s, t in texts.items() if t}
-    corpus = Corpus(root / digest[:16], digest, len(docs), chars)
-    report = {
+    for s, text in texts.items():
+        if text:
+            (tmp / f"{s}.txt").write_text(text, encoding="utf-8")
+    return {
+        "digest": corpus_digest(texts),
+        "source": name,
+        "documents": len(docs),
+        "chars": {s: len(t) for s, t in texts.items() if t},
+        "bytes": {s: len(t.encode()) for s, t in texts.items() if t},
+        "titles": [d.title for d in docs],
+        "genres": [d.genre for d in docs],
         "cached": False,
         "key": key,
         "counts": counts,
         "skipped": load_report.skipped,
         "replaced_chars": load_report.replaced_chars,
     }
-    manifest = {
-        "digest": digest,
-        "source": name,
-        "documents": len(docs),
-        "chars": chars,
-        "bytes": {s: len(t.encode()) for s, t in texts.items() if t},
-        "titles": [d.title for d in docs],
-        "genres": [d.genre for d in docs],
-        **report,
-    }
-    report["inputs"] = inputs
-    with atomic_dir(corpus.path) as tmp:  # replaces a damaged copy whole
-        for s, text in texts.items():
-            if text:
-                (tmp / f"{s}.txt").write_text(text, encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    atomic_write_bytes(root / "index" / f"{key}.json", json.dumps({"digest": digest, "inputs": inputs}).encode())
-    return corpus, report
 
 
 def _check_sizes(name: str, texts: dict[str, str], cfg: SplitConfig, min_chars: int, documents: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lm import data, shards
 from lm.atomic import atomic_write_bytes
+from lm.cache import inputs_key
 from lm.config import DataConfig, TokenizerConfig, flatten
 
 UNCACHED = ("train", "evaluate", "register")
@@ -89,7 +90,7 @@ def plan(
         ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))
     except (OSError, ValueError) as e:
         return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
-    corpus = data.cached_corpus(workdir / "data", data.inputs_key(ingest_now))
+    corpus = data.cached_corpus(workdir / "data", inputs_key(ingest_now))
     if corpus is None:
         why = changes(last.get("ingest"), ingest_now) or ["cached corpus missing or altered on disk"]
         return [StagePlan("ingest", "run", "; ".join(why))] + _rest(
@@ -97,7 +98,7 @@ def plan(
         )
     stages = [StagePlan("ingest", "cached", f"digest {corpus.digest[:12]}…")]
     tokenize_now = shards.tokenize_inputs(corpus.digest, tokenizer_cfg)
-    if (hit := shards.cached_tokens(workdir / "tokens", shards.inputs_key(tokenize_now))) is not None:
+    if (hit := shards.cached_tokens(workdir / "tokens", inputs_key(tokenize_now))) is not None:
         stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values())} tokens, key {hit['key'][:12]}…"))
     else:
         why = changes(last.get("tokenize"), tokenize_now) or ["cached tokens missing or altered on disk"]
@@ -118,7 +119,7 @@ def plan_classification(
         now = labelled.dataset_inputs(data_cfg, Path(base_dir))
     except (OSError, ValueError) as e:
         return init + [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
-    hit = labelled.cached_dataset(workdir / "labelled", labelled.inputs_key(now))
+    hit = labelled.cached_dataset(workdir / "labelled", inputs_key(now))
     if hit is None:
         why = changes(last.get("ingest"), now) or ["cached examples missing or altered on disk"]
         return init + [StagePlan("ingest", "run", "; ".join(why))] + _rest("tokenize", "depends on ingest", resume)

@@ -2,18 +2,17 @@
 
 ``<root>/<key[:16]>/`` holds ``tokenizer.json``, ``<split>.bin`` (uint16, or uint32 for vocabularies
 over 65,536) and ``manifest.json``. The key digests the data digest, the tokenizer config and the
-tokenizer code; a hit is checked (file sizes, tokenizer digest) before it is trusted.
+tokenizer code (``lm.cache``, by key); a hit is checked (file sizes, tokenizer digest) before it is trusted.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from lm.atomic import atomic_dir, atomic_write_bytes, build_once
+from lm.atomic import atomic_write_bytes
+from lm.cache import Entry, StageCache, inputs_key
 from lm.config import TokenizerConfig
 from lm.errors import DataError
 from lm.tokenizers import encode_array, load_tokenizer, tokenizer_digest, train_tokenizer
@@ -39,26 +38,24 @@ def tokenize_inputs(data_digest: str, cfg: TokenizerConfig) -> dict:
     }
 
 
-def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+def _cache(root: Path, key: str) -> StageCache:
+    def intact(entry: Entry) -> bool:
+        """Same key, every token file its recorded size, the tokenizer the one that wrote them."""
+        manifest, path = entry.manifest, entry.path
+        if manifest["key"] != key:
+            return False
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        if any((path / f"{split}.bin").stat().st_size != n * itemsize for split, n in manifest["tokens"].items()):
+            return False
+        return tokenizer_digest(load_tokenizer(path / "tokenizer.json")) == manifest["tokenizer_digest"]
+
+    return StageCache(Path(root), intact)
 
 
 def cached_tokens(root: Path, key: str) -> dict | None:
     """The manifest of an intact earlier result for ``key``, else None."""
-    path = Path(root) / key[:16]
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest["key"] != key:
-            return None
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for split, n in manifest["tokens"].items():
-            if (path / f"{split}.bin").stat().st_size != n * itemsize:
-                return None
-        if tokenizer_digest(load_tokenizer(path / "tokenizer.json")) != manifest["tokenizer_digest"]:
-            return None
-    except (OSError, ValueError, KeyError):
-        return None
-    return manifest | {"path": str(path), "cached": True}
+    entry = _cache(root, key).find(key)
+    return None if entry is None else entry.manifest | {"path": str(entry.path), "cached": True}
 
 
 def tokenize_corpus(
@@ -71,18 +68,14 @@ def tokenize_corpus(
     """
     inputs = tokenize_inputs(data_digest, cfg)
     key = inputs_key(inputs)
-
-    def found() -> dict | None:
-        hit = cached_tokens(root, key)
-        return None if hit is None else hit | {"inputs": inputs}
-
-    return build_once(root, key, found, lambda: _build(corpus_dir, data_digest, cfg, root, key, inputs, min_tokens))
+    entry = _cache(root, key).get_or_build(
+        inputs, lambda tmp: _build(corpus_dir, data_digest, cfg, key, tmp, min_tokens)
+    )
+    return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "inputs": inputs}
 
 
-def _build(
-    corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, root: Path, key: str, inputs: dict, min_tokens: int
-) -> dict:
-    """``tokenize_corpus`` after a cache miss, holding the key's lock."""
+def _build(corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, key: str, tmp: Path, min_tokens: int) -> dict:
+    """``tokenize_corpus`` after a cache miss, holding the key's lock: the files into ``tmp``; the manifest."""
     texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(Path(corpus_dir).glob("*.txt"))}
     tok = train_tokenizer(cfg, texts["train"])
     ids = {split: encode_array(tok, text) for split, text in texts.items()}
@@ -92,7 +85,10 @@ def _build(
             f"after tokenizing ({cfg.kind}, vocabulary {tok.vocab_size}), splits too short for the model: "
             f"{short} tokens, each needs at least {min_tokens} (context_length + 1); add data or shorten the context"
         )
-    manifest = {
+    tok.save(tmp / "tokenizer.json")
+    for split, arr in ids.items():
+        write_tokens(tmp / f"{split}.bin", arr)
+    return {
         "key": key,
         "data_digest": data_digest,
         "tokenizer": cfg.kind,
@@ -103,13 +99,6 @@ def _build(
         "chars": {s: len(t) for s, t in texts.items()},
         "bytes": {s: len(t.encode("utf-8")) for s, t in texts.items()},
     }
-    target = Path(root) / key[:16]
-    with atomic_dir(target) as tmp:
-        tok.save(tmp / "tokenizer.json")
-        for split, arr in ids.items():
-            write_tokens(tmp / f"{split}.bin", arr)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest | {"path": str(target), "cached": False, "inputs": inputs}
 
 
 def check_vocabulary(tokens: np.ndarray, vocab_size: int, *, tokenizer_digest: str, model_vocab: int) -> None:

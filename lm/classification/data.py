@@ -3,7 +3,7 @@
 A dataset directory ``<root>/<digest[:16]>`` holds ``train.jsonl``, ``val.jsonl`` (``test.jsonl``) —
 one ``{"text", "label"}`` object per line, the label an index into ``labels`` — and ``manifest.json``.
 ``<root>/index/<key>.json`` maps the digest of everything the dataset depends on (the source spec,
-its files' contents, this code) to it, so an unchanged source is not read twice.
+its files' contents, this code) to it (``lm.cache``, by content), so an unchanged source is not read twice.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from lm import sources
-from lm.atomic import atomic_dir, atomic_write_bytes, build_once
+from lm.cache import Entry, StageCache
+from lm.cache import inputs_key as inputs_key  # the stage key, for lm.plan and flows.gc
 from lm.classification.config import LabelledData, LabelledFiles, LabelledHub, ShakespeareGenre
 from lm.corpora.shakespeare import load_plays
 from lm.errors import DataError
@@ -283,59 +284,47 @@ def read_examples(path: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
 
 
-def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+def _intact(entry: Entry) -> bool:
+    """The examples on disk still digest to what the index recorded."""
+    examples = {s: read_examples(entry.path, s) for s in SPLITS}
+    return _digest(examples, tuple(entry.manifest["labels"])) == entry.digest
+
+
+def _cache(root: Path) -> StageCache:
+    return StageCache(Path(root), _intact, by_content=True)
 
 
 def cached_dataset(root: Path, key: str) -> dict | None:
     """The manifest (with ``path``) an earlier build with this key produced, if intact on disk."""
-    try:
-        entry = json.loads((Path(root) / "index" / f"{key}.json").read_text())
-        path = Path(root) / entry["digest"][:16]
-        manifest = json.loads((path / "manifest.json").read_text())
-        if _digest({s: read_examples(path, s) for s in SPLITS}, tuple(manifest["labels"])) == entry["digest"]:
-            return manifest | {"path": str(path)}
-    except (OSError, ValueError, KeyError):
-        pass
-    return None
+    entry = _cache(root).find(key)
+    return None if entry is None else entry.manifest | {"path": str(entry.path)}
 
 
 def build_dataset(cfg: LabelledData, root: Path, *, base_dir: Path) -> dict:
     """Read, label and split into ``root/<digest>`` (or reuse an intact earlier result); the manifest."""
     root = Path(root)
     inputs = dataset_inputs(cfg, base_dir)
-    key = inputs_key(inputs)
-
-    def found() -> dict | None:
-        hit = cached_dataset(root, key)
-        return None if hit is None else hit | {"cached": True, "key": key, "inputs": inputs}
-
-    return build_once(root, key, found, lambda: _build(cfg, root, key, inputs, base_dir=Path(base_dir)))
+    entry = _cache(root).get_or_build(inputs, lambda tmp: _build(cfg, root, tmp, base_dir=Path(base_dir)))
+    return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "key": entry.key, "inputs": inputs}
 
 
-def _build(cfg: LabelledData, root: Path, key: str, inputs: dict, *, base_dir: Path) -> dict:
-    """``build_dataset`` after a cache miss, holding the key's lock."""
+def _build(cfg: LabelledData, root: Path, tmp: Path, *, base_dir: Path) -> dict:
+    """``build_dataset`` after a cache miss, holding the key's lock: the examples into ``tmp``; the manifest."""
     name = describe(cfg)
     rows, declared, extra = read_splits(cfg, Path(base_dir), root / "cache")
     examples, names = build_examples(rows, cfg, declared, name)
-    digest = _digest(examples, names)
-    path = root / digest[:16]
-    manifest = {
-        "digest": digest,
+    for split, rows_ in examples.items():
+        if rows_:
+            lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows_)
+            (tmp / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    return {
+        "digest": _digest(examples, names),
         "source": name,
         "labels": list(names),
         "examples": {s: len(e) for s, e in examples.items() if e},
         "class_counts": {s: _counts(e, names) for s, e in examples.items() if e},
         **extra,
     }
-    with atomic_dir(path) as tmp:
-        for split, rows_ in examples.items():
-            if rows_:
-                lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows_)
-                (tmp / f"{split}.jsonl").write_text(lines, encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    atomic_write_bytes(root / "index" / f"{key}.json", json.dumps({"digest": digest}).encode())
-    return manifest | {"path": str(path), "cached": False, "key": key, "inputs": inputs}
 
 
 def _counts(examples: list[dict], names: tuple) -> dict[str, int]:

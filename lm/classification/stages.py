@@ -7,7 +7,6 @@ confusion matrix, majority baseline) → export (the files a served classifier n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 
-from lm.atomic import atomic_dir, build_once
+from lm.cache import Entry, StageCache
 from lm.checkpoint import load_checkpoint, load_weights, sha256_file
 from lm.classification.config import HeadConfig, LabelledData
 from lm.classification.data import build_dataset, read_examples
@@ -71,12 +70,26 @@ def encode(dataset: dict, tokenizer: TokenizerConfig | Path, root: Path, *, max_
         "max_tokens": max_tokens,
         "code": code_digest("lm.classification.examples", "lm.tokenizers"),
     }
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    path = root / key[:16]
-    result = {
-        "path": str(path),
-        "key": key,
-        "digest": key,
+
+    def intact(entry: Entry) -> bool:
+        files, examples = entry.manifest["files"], entry.manifest["examples"]
+        return isinstance(examples, dict) and all(sha256_file(entry.path / f) == h for f, h in files.items())
+
+    def build(tmp: Path) -> dict:
+        tok.save(tmp / "tokenizer.json")
+        examples = {}
+        for split in SPLITS:
+            rows = read_examples(dataset["path"], split)
+            if rows:
+                encode_examples(tok, rows, max_tokens).save(tmp / f"{split}.safetensors")
+                examples[split] = len(rows)
+        return {"files": {f.name: sha256_file(f) for f in tmp.iterdir()}, "examples": examples, **inputs}
+
+    entry = StageCache(root, intact).get_or_build(inputs, build)
+    return {
+        "path": str(entry.path),
+        "key": entry.key,
+        "digest": entry.key,
         "data_digest": dataset["digest"],
         "dataset_path": dataset["path"],
         "tokenizer_digest": digest,
@@ -85,31 +98,9 @@ def encode(dataset: dict, tokenizer: TokenizerConfig | Path, root: Path, *, max_
         "labels": dataset["labels"],
         "class_counts": dataset["class_counts"],
         "inputs": inputs,
+        "examples": entry.manifest["examples"],
+        "cached": entry.cached,
     }
-
-    def found() -> dict | None:
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-            if all(sha256_file(path / f) == h for f, h in manifest["files"].items()):
-                return result | {"examples": manifest["examples"], "cached": True}
-        except (OSError, ValueError, KeyError):
-            pass
-        return None
-
-    def build() -> dict:
-        examples = {}
-        with atomic_dir(path) as tmp:
-            tok.save(tmp / "tokenizer.json")
-            for split in SPLITS:
-                rows = read_examples(dataset["path"], split)
-                if rows:
-                    encode_examples(tok, rows, max_tokens).save(tmp / f"{split}.safetensors")
-                    examples[split] = len(rows)
-            files = {f.name: sha256_file(f) for f in tmp.iterdir()}
-            (tmp / "manifest.json").write_text(json.dumps({"files": files, "examples": examples, **inputs}, indent=2))
-        return result | {"examples": examples, "cached": False}
-
-    return build_once(root, key, found, build)
 
 
 def load_split(encoded: dict, split: str) -> Examples:
