@@ -27,14 +27,13 @@ def main(job_path: str) -> None:
     from flows.torchrun import fit_stage
     from lm import distributed
     from lm.atomic import atomic_write_bytes
-    from lm.training import resolve_device
+    from lm.runtime import resolve_device
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     spec = validate_spec(job["spec"])
     ctx = distributed.from_environment()
-    device = resolve_device(spec.train.device)
+    device = resolve_device(spec.train.device, local_rank=ctx.local_rank)  # no CUDA context before set_device
     if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(distributed.resolve_backend(spec.train.distributed.backend, device))
     try:

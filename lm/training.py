@@ -33,12 +33,9 @@ from lm.classification.metrics import validation_loss
 from lm.config import TrainConfig
 from lm.distributed import DistContext
 from lm.evaluation import mean_loss
+from lm.runtime import TrainingError, resolve_device, resolve_precision, resolve_runtime  # noqa: F401 — re-exported
 
 MetricSink = Callable[[int, Mapping[str, float]], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (for example: the loss stayed non-finite)."""
 
 
 class TrainingInterrupted(Exception):
@@ -62,30 +59,6 @@ class TrainResult:
     best_step: int | None = None
     """Step of the best periodic validation estimate (the weights kept when early stopping)."""
     stopped_early: bool = False
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # native bf16 matmuls (AVX-512 BF16 / AMX) make autocast a speed-up on CPU
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``choice`` (None means plain fp32)."""
-    if choice == "fp32" or (choice == "auto" and not bf16_supported(device)):
-        return None
-    return torch.bfloat16
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -285,13 +258,10 @@ def train(
     every global batch under DistributedDataParallel; rank 0 alone reports, validates and checkpoints
     (see ``lm.distributed``).
     """
-    device = resolve_device(cfg.device)
-    if dist is not None and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    runtime = resolve_runtime(cfg, local_rank=dist.local_rank if dist is not None else None)
+    device, amp_dtype, amp = runtime.device, runtime.amp_dtype, runtime.autocast
     main = dist is None or dist.is_main
     report = on_metrics if main else (lambda step, metrics: None)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     model.to(device).train()
     ctx = model.context_length
     sampler = make_sampler(train_tokens, cfg, ctx)
