@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm.batches import TokenBatches
 from lm.checkpoint import load_checkpoint, verify_checkpoint
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
@@ -89,8 +90,8 @@ def fit(
     }
     return card | run_training(
         model,
-        train_split,
-        val_split,
+        TokenBatches(train_split),
+        TokenBatches(val_split),
         train_cfg,
         Path(out_dir),
         state,

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 
 from lm.atomic import atomic_dir, build_once
 from lm.checkpoint import load_checkpoint, load_weights, sha256_file
+from lm.classification.batches import ExampleBatches
 from lm.classification.config import HeadConfig, LabelledData
 from lm.classification.data import build_dataset, read_examples
 from lm.classification.examples import Examples, encode_examples
@@ -164,8 +165,8 @@ def fit(
     }
     return card | run_training(
         model,
-        train_split,
-        val_split,
+        ExampleBatches(train_split),
+        ExampleBatches(val_split),
         train_cfg,
         Path(out_dir),
         state,
