@@ -66,9 +66,8 @@ def wrap(model: nn.Module, ctx: DistContext, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else ctx.local_rank] if device.type == "cuda" else None
-    # find_unused_parameters: a classifier's backbone LM head (or frozen layers) gets no gradient.
-    unused = getattr(model, "objective", "") == "classification"
-    return DistributedDataParallel(Objective(model), device_ids=ids, find_unused_parameters=unused)
+    # The model says whether some parameters get no gradient (a classifier's backbone LM head, frozen layers).
+    return DistributedDataParallel(Objective(model), device_ids=ids, find_unused_parameters=model.unused_parameters)
 
 
 def mean(value: float, device: torch.device) -> float:
