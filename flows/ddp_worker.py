@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def main(job_path: str) -> None:
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     spec = validate_spec(job["spec"])
-    ctx = distributed.from_environment()
+    ctx = from_environment()
     device = resolve_device(spec.train.device, local_rank=ctx.local_rank)  # no CUDA context before set_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -60,6 +61,16 @@ def main(job_path: str) -> None:
         atomic_write_bytes(Path(job["out"]) / "result.json", json.dumps(result).encode())
     finally:
         dist.destroy_process_group()
+
+
+def from_environment():
+    """The ``lm.distributed.DistContext`` torchrun describes in the environment (None with one process)."""
+    from lm.distributed import DistContext
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 if __name__ == "__main__":
