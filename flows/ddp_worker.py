@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,14 +28,13 @@ def main(job_path: str) -> None:
     from flows.torchrun import fit_stage
     from lm import distributed
     from lm.atomic import atomic_write_bytes
-    from lm.training import resolve_device
+    from lm.runtime import resolve_device
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     spec = validate_spec(job["spec"])
-    ctx = distributed.from_environment()
-    device = resolve_device(spec.train.device)
+    ctx = from_environment()
+    device = resolve_device(spec.train.device, local_rank=ctx.local_rank)  # no CUDA context before set_device
     if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(distributed.resolve_backend(spec.train.distributed.backend, device))
     try:
@@ -61,6 +61,16 @@ def main(job_path: str) -> None:
         atomic_write_bytes(Path(job["out"]) / "result.json", json.dumps(result).encode())
     finally:
         dist.destroy_process_group()
+
+
+def from_environment():
+    """The ``lm.distributed.DistContext`` torchrun describes in the environment (None with one process)."""
+    from lm.distributed import DistContext
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from lm import stages
 from lm.checkpoint import STEP_PREFIX, latest_checkpoint
 from lm.config import DataConfig, TokenizerConfig
 from lm.errors import DataError
-from lm.training import TrainingError, TrainingInterrupted, resolve_device, resolve_precision
+from lm.runtime import resolve_runtime
+from lm.training import TrainingError, TrainingInterrupted
 
 
 def transient(task, task_run, state) -> bool:
@@ -102,8 +103,8 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
 
 def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, replaying: bool, log) -> dict:
     log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
-    device = resolve_device(spec.train.device)
-    peak = machine.peak_flops(device, resolve_precision(spec.train.precision, device))
+    runtime = resolve_runtime(spec.train)
+    peak = machine.peak_flops(runtime.device, runtime.amp_dtype)
     tracking.set_tags(run_id, {"lmp.peak_gflops": f"{peak / 1e9:.1f}"})
     if spec.train.distributed is not None and spec.train.distributed.world_size > 1:
         job = {

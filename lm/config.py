@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -229,8 +230,57 @@ class DistributedConfig(Frozen):
         return self.nproc_per_node * self.nnodes
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its learning-rate schedule: ``TrainConfig.optimizer``."""
+
+    learning_rate: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How many steps of which batches: ``TrainConfig.batches``."""
+
+    max_steps: int
+    batch_size: int
+    grad_accumulation: int
+    batching: str
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how the steps run: ``TrainConfig.runtime`` (``lm.runtime.resolve_runtime`` resolves them)."""
+
+    device: str
+    precision: str
+    compile: bool
+    seed: int
+    distributed: DistributedConfig | None
+
+
+@dataclass(frozen=True)
+class CadenceSettings:
+    """What happens every so many steps: ``TrainConfig.cadence``."""
+
+    eval_interval: int
+    eval_tokens: int
+    early_stopping_patience: int
+    max_nonfinite_steps: int
+    log_interval: int
+    checkpoint_interval: int
+    keep_checkpoints: int
+
+
 class TrainConfig(Frozen):
     """The optimisation schedule. Architecture-independent."""
+
+    # The YAML keys are the flat fields below; ``optimizer``, ``batches``, ``runtime`` and ``cadence`` (at the
+    # end) are read-only views of them grouped by concern: properties, so not in the YAML, schema or digest.
 
     max_steps: int = Field(default=2000, gt=0)
     """Optimizer steps."""
@@ -286,6 +336,22 @@ class TrainConfig(Frozen):
                 f"{self.distributed.world_size} processes; change batch_size or distributed.nproc_per_node"
             )
         return self
+
+    @property
+    def optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings(*(getattr(self, f.name) for f in fields(OptimizerSettings)))
+
+    @property
+    def batches(self) -> BatchSettings:
+        return BatchSettings(*(getattr(self, f.name) for f in fields(BatchSettings)))
+
+    @property
+    def runtime(self) -> RuntimeSettings:
+        return RuntimeSettings(*(getattr(self, f.name) for f in fields(RuntimeSettings)))
+
+    @property
+    def cadence(self) -> CadenceSettings:
+        return CadenceSettings(*(getattr(self, f.name) for f in fields(CadenceSettings)))
 
 
 class EvalConfig(Frozen):

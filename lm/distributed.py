@@ -10,7 +10,6 @@ value) are broadcast so every rank takes the same branch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in the job (the torchrun worker, ``flows/ddp_worker.py``, reads it from torchrun's
+    environment and passes it in)."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -32,14 +34,6 @@ class DistContext:
         """This rank's rows of a global batch of ``batch_size``."""
         per_rank = batch_size // self.world_size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-
-
-def from_environment() -> DistContext | None:
-    """The context ``torchrun`` describes in the environment (None outside torchrun or with one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_backend(choice: str, device: torch.device) -> str:
@@ -66,9 +60,8 @@ def wrap(model: nn.Module, ctx: DistContext, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else ctx.local_rank] if device.type == "cuda" else None
-    # find_unused_parameters: a classifier's backbone LM head (or frozen layers) gets no gradient.
-    unused = getattr(model, "objective", "") == "classification"
-    return DistributedDataParallel(Objective(model), device_ids=ids, find_unused_parameters=unused)
+    # The model says whether some parameters get no gradient (a classifier's backbone LM head, frozen layers).
+    return DistributedDataParallel(Objective(model), device_ids=ids, find_unused_parameters=model.unused_parameters)
 
 
 def mean(value: float, device: torch.device) -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm.batches import TokenBatches
 from lm.checkpoint import load_checkpoint, verify_checkpoint
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
@@ -22,9 +23,10 @@ from lm.errors import DataError
 from lm.evaluation import PROTOCOL, lm_metrics, mean_loss, score_split
 from lm.generation import generate
 from lm.models import build_model
+from lm.runtime import resolve_runtime
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
 from lm.tokenizers import load_tokenizer
-from lm.training import resolve_device, resolve_precision, train
+from lm.training import train
 
 
 def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) -> dict:
@@ -88,8 +90,8 @@ def fit(
     }
     return card | run_training(
         model,
-        train_split,
-        val_split,
+        TokenBatches(train_split),
+        TokenBatches(val_split),
         train_cfg,
         Path(out_dir),
         state,
@@ -136,8 +138,8 @@ def evaluate(
 ) -> dict:
     """Loss, perplexity, bits per char and next-token accuracy over the whole validation split (and the
     test split when the corpus has one), the summary sample and one sample per prompt of ``eval_cfg``."""
-    device = resolve_device(train_cfg.device)
-    amp_dtype = resolve_precision(train_cfg.precision, device)
+    runtime = resolve_runtime(train_cfg)
+    device, amp_dtype = runtime.device, runtime.amp_dtype
     model = load_trained(checkpoint, model_cfg, tokens["vocab_size"]).to(device)
     tok = load_tokenizer(Path(tokens["path"]) / "tokenizer.json")
     metrics: dict[str, float] = {}

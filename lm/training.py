@@ -15,12 +15,14 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from lm import distributed
+from lm.batches import TokenBatches
 from lm.checkpoint import (
     STEP_PREFIX,
     load_checkpoint,
@@ -28,17 +30,11 @@ from lm.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from lm.classification.examples import Examples, ExampleSampler
-from lm.classification.metrics import validation_loss
-from lm.config import TrainConfig
+from lm.config import BatchSettings, TrainConfig
 from lm.distributed import DistContext
-from lm.evaluation import mean_loss
+from lm.runtime import Runtime, TrainingError, resolve_device, resolve_precision, resolve_runtime  # noqa: F401 — re-exported
 
 MetricSink = Callable[[int, Mapping[str, float]], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (for example: the loss stayed non-finite)."""
 
 
 class TrainingInterrupted(Exception):
@@ -64,36 +60,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # native bf16 matmuls (AVX-512 BF16 / AMX) make autocast a speed-up on CPU
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``choice`` (None means plain fp32)."""
-    if choice == "fp32" or (choice == "auto" and not bf16_supported(device)):
-        return None
-    return torch.bfloat16
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` × peak at ``max_steps``."""
-    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    opt = cfg.optimizer
+    peak, floor = opt.learning_rate, opt.learning_rate * opt.min_lr_ratio
+    if step < opt.warmup_steps:
+        return peak * (step + 1) / opt.warmup_steps
+    progress = (step - opt.warmup_steps) / max(1, opt.max_steps - opt.warmup_steps)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -101,103 +74,38 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     """AdamW with weight decay on matrices only; fused kernels where the device has them."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optimizer.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.optimizer.learning_rate, betas=(0.9, 0.95), fused=True)
 
 
-class BatchSampler:
-    """Random windows of ``context_length + 1`` tokens from a flat token array, seeded.
+class Sampler(Protocol):
+    """Batches for the loop: ``next()`` → (batch with ``.to(device)``, whether row b continues row b of the
+    previous batch). Its state is ``position`` (batches drawn) and ``generator``; ``rows`` selects this
+    process's rows of each batch under data parallelism."""
 
-    ``next()`` → (window, continues): ``continues`` says whether row b follows on from row b of the
-    previous window (never, here), i.e. whether a recurrent state may be carried into it.
-    """
+    batch_size: int
+    tokens_per_batch: int
+    generator: torch.Generator
+    position: int
+    rows: slice
 
-    def __init__(self, tokens: np.ndarray, *, context_length: int, batch_size: int, seed: int):
-        if tokens.size < context_length + 2:
-            raise TrainingError(
-                f"training split has {tokens.size} tokens, fewer than context_length + 2 "
-                f"({context_length + 2}); use more data or a shorter context_length"
-            )
-        self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.position = 0  # windows drawn so far
-        self.rows = slice(None)  # this process's rows of each batch (all, unless data-parallel)
-
-    def _window(self, starts: list[int]) -> torch.Tensor:
-        window = np.stack([self.tokens[s : s + self.context_length + 1] for s in starts[self.rows]])
-        return torch.from_numpy(window.astype(np.int64))
-
-    def next(self) -> tuple[torch.Tensor, bool]:
-        """(batch_size, context_length + 1) int64 — inputs are [:, :-1], targets [:, 1:] — and False."""
-        high = self.tokens.size - self.context_length - 1
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
-        self.position += 1
-        return self._window(starts), False
+    def next(self) -> tuple[Any, bool]: ...
 
 
-class StreamSampler(BatchSampler):
-    """The split cut into ``batch_size`` contiguous streams, read one window after another.
+class TaskData(Protocol):
+    """A task's split as the loop sees it: where batches come from and the periodic validation estimate
+    (``lm.batches.TokenBatches`` for language models, ``lm.classification.batches.ExampleBatches`` …)."""
 
-    Row b of each window continues row b of the previous one, so a recurrent model can carry its state
-    across windows (truncated back-propagation through time). Each pass over the streams starts at a
-    seeded offset below ``context_length`` so window boundaries move between epochs. The position is
-    just the number of windows drawn, which makes resuming exact.
-    """
+    def sampler(self, batches: BatchSettings, *, seed: int, context_length: int) -> Sampler: ...
 
-    def __init__(self, tokens: np.ndarray, *, context_length: int, batch_size: int, seed: int):
-        super().__init__(tokens, context_length=context_length, batch_size=batch_size, seed=seed)
-        T = context_length
-        self.stream_length = (tokens.size - T - 1) // batch_size // T * T  # whole windows, room for an offset
-        if self.stream_length < T:
-            raise TrainingError(
-                f"training split has {tokens.size} tokens, too few for {batch_size} streams of at least one "
-                f"window of {T} (+ offset); use batching: random, a smaller batch_size or more data"
-            )
-        self.windows = self.stream_length // T
-        self.seed = seed
-
-    def next(self) -> tuple[torch.Tensor, bool]:
-        epoch, index = divmod(self.position, self.windows)
-        offset = int(np.random.default_rng([self.seed, epoch]).integers(self.context_length))
-        starts = [offset + b * self.stream_length + index * self.context_length for b in range(self.batch_size)]
-        self.position += 1
-        return self._window(starts), index > 0
+    def estimate(self, model: nn.Module, *, batch_size: int, max_tokens: int, runtime: Runtime) -> float: ...
 
 
-def make_sampler(data: np.ndarray | Examples, cfg: TrainConfig, context_length: int) -> BatchSampler | ExampleSampler:
-    """Windows of a token array (language models), or batches of labelled examples (classifiers)."""
-    if isinstance(data, Examples):
-        return ExampleSampler(data, batch_size=cfg.batch_size, seed=cfg.seed)
-    kind = StreamSampler if cfg.batching == "streams" else BatchSampler
-    sampler = kind(data, context_length=context_length, batch_size=cfg.batch_size, seed=cfg.seed)
-    sampler.tokens_per_batch = cfg.batch_size * context_length
-    return sampler
-
-
-def validation_estimate(model: nn.Module, data: np.ndarray | Examples, cfg: TrainConfig, device, amp_dtype) -> float:
-    """The periodic validation loss on the first ``cfg.eval_tokens`` tokens (or examples' worth of them)."""
-    if isinstance(data, Examples):
-        per_example = max(1, int(np.mean(data.lengths)))
-        return validation_loss(
-            model,
-            data,
-            batch_size=cfg.batch_size,
-            device=device,
-            autocast_dtype=amp_dtype,
-            max_examples=max(1, cfg.eval_tokens // per_example),
-        )[0]
-    loss, _ = mean_loss(
-        model,
-        data,
-        context_length=model.context_length,
-        batch_size=cfg.batch_size,
-        device=device,
-        autocast_dtype=amp_dtype,
-        max_tokens=cfg.eval_tokens,
-    )
-    return loss
+def task_data(data: TaskData | np.ndarray) -> TaskData:
+    """``data``, a plain token array being a language model's (``TokenBatches``)."""
+    return TokenBatches(data) if isinstance(data, np.ndarray) else data
 
 
 def detach_state(state):
@@ -221,7 +129,7 @@ def tensors_state(tensors: Mapping[str, torch.Tensor], device: torch.device):
     return tuple(flat) or None
 
 
-def training_state(optimizer: torch.optim.Optimizer, sampler: BatchSampler) -> tuple[dict, dict]:
+def training_state(optimizer: torch.optim.Optimizer, sampler: Sampler) -> tuple[dict, dict]:
     """What resuming needs besides the weights: (tensors, JSON) — optimizer moments and every RNG."""
     sd = optimizer.state_dict()
     tensors = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
@@ -237,7 +145,7 @@ def training_state(optimizer: torch.optim.Optimizer, sampler: BatchSampler) -> t
     return tensors, meta
 
 
-def restore_training_state(optimizer, sampler: BatchSampler, tensors: dict, meta: dict) -> None:
+def restore_training_state(optimizer, sampler: Sampler, tensors: dict, meta: dict) -> None:
     """Inverse of ``training_state``."""
     state = {int(i): {k: tensors[f"optim.{i}.{k}"] for k in keys} for i, keys in meta["optimizer_state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -250,8 +158,8 @@ def restore_training_state(optimizer, sampler: BatchSampler, tensors: dict, meta
 
 def train(
     model: nn.Module,
-    train_tokens: np.ndarray | Examples,
-    val_tokens: np.ndarray | Examples,
+    train_data: TaskData | np.ndarray,
+    val_data: TaskData | np.ndarray,
     cfg: TrainConfig,
     *,
     on_metrics: MetricSink,
@@ -280,169 +188,245 @@ def train(
     evaluations without improvement, keeping the best weights. ``peak_flops`` (FLOP/s of this device
     at this precision) adds model FLOPs utilisation (``mfu``) to the reported metrics.
 
-    ``train_tokens`` and ``val_tokens`` are token arrays, or labelled ``Examples`` for a classifier.
-    With ``dist`` (one rank of a ``torchrun`` job, process group initialised) the rank trains its rows of
-    every global batch under DistributedDataParallel; rank 0 alone reports, validates and checkpoints
-    (see ``lm.distributed``).
+    ``train_data`` and ``val_data`` are the task's ``TaskData`` (batches to train on, the periodic
+    validation estimate); a plain token array is a language model's (``lm.batches.TokenBatches``).
+    The loss is the model's own ``score``. With ``dist`` (one rank of a ``torchrun`` job, process group
+    initialised) the rank trains its rows of every global batch under DistributedDataParallel; rank 0
+    alone reports, validates and checkpoints (see ``lm.distributed``).
     """
-    device = resolve_device(cfg.device)
-    if dist is not None and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    main = dist is None or dist.is_main
-    report = on_metrics if main else (lambda step, metrics: None)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    model.to(device).train()
-    ctx = model.context_length
-    sampler = make_sampler(train_tokens, cfg, ctx)
-    optimizer = make_optimizer(model, cfg, device)
-    score = model.score
-    if dist is not None:
-        if sampler.batch_size % dist.world_size:
-            raise TrainingError(
-                f"train.batch_size ({sampler.batch_size}) must be divisible by the {dist.world_size} processes "
-                "so every rank reads an equal share of each global batch; change batch_size or nproc_per_node"
-            )
-        sampler.rows = dist.rows(sampler.batch_size)
-        score = distributed.wrap(model, dist, device)
-    score = torch.compile(score) if cfg.compile else score
-    tokens_per_step = sampler.tokens_per_batch * cfg.grad_accumulation
-    flops_per_token = model.flops_per_token() if peak_flops else None
-    rates: list[float] = []
-    losses: list[float] = []
-    carry = None  # recurrent state carried between stream windows
-    val_loss, bad_steps, t0, start = float("nan"), 0, time.perf_counter(), 0
-    best = {"loss": math.inf, "step": None, "evals_since": 0}
-    best_weights: dict[str, torch.Tensor] | None = None
+    hooks = _Hooks(on_metrics, checkpoint_state or {}, before_checkpoint, should_stop, peak_flops)
+    run = _Training(model, task_data(train_data), task_data(val_data), cfg, hooks, checkpoint_dir, dist)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model)
+        run.resume(Path(resume_from))
+    return run.run()
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    on_metrics: MetricSink
+    checkpoint_state: Mapping[str, object]
+    before_checkpoint: Callable[[int], None] | None
+    should_stop: Callable[[], bool] | None
+    peak_flops: float | None
+
+
+class _Training:
+    """One ``train`` call: set-up, resume, steps, periodic evaluation and checkpoints, and the finish."""
+
+    def __init__(self, model, train_data: TaskData, val_data: TaskData, cfg: TrainConfig, hooks: _Hooks,
+                 checkpoint_dir: Path | None, dist: DistContext | None):  # fmt: skip
+        self.model, self.val_data, self.cfg, self.hooks, self.dist = model, val_data, cfg, hooks, dist
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.runtime = resolve_runtime(cfg, local_rank=dist.local_rank if dist is not None else None)
+        self.device = self.runtime.device
+        self.main = dist is None or dist.is_main
+        self.report = hooks.on_metrics if self.main else (lambda step, metrics: None)
+        model.to(self.device).train()
+        self.sampler = train_data.sampler(cfg.batches, seed=cfg.runtime.seed, context_length=model.context_length)
+        self.optimizer = make_optimizer(model, cfg, self.device)
+        self.score = self._objective()
+        self.tokens_per_step = self.sampler.tokens_per_batch * cfg.batches.grad_accumulation
+        self.flops_per_token = model.flops_per_token() if hooks.peak_flops else None
+        self.rates: list[float] = []
+        self.losses: list[float] = []
+        self.carry = None  # recurrent state carried between stream windows
+        self.val_loss, self.bad_steps, self.t0, self.start = float("nan"), 0, time.perf_counter(), 0
+        self.best = {"loss": math.inf, "step": None, "evals_since": 0}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.done, self.stopped_early = 0, False
+
+    def _objective(self):
+        """``model.score``, behind DDP for one rank of a distributed job, compiled when asked."""
+        score, dist, sampler = self.model.score, self.dist, self.sampler
+        if dist is not None:
+            if sampler.batch_size % dist.world_size:
+                raise TrainingError(
+                    f"train.batch_size ({sampler.batch_size}) must be divisible by the {dist.world_size} processes "
+                    "so every rank reads an equal share of each global batch; change batch_size or nproc_per_node"
+                )
+            sampler.rows = dist.rows(sampler.batch_size)
+            score = distributed.wrap(self.model, dist, self.device)
+        return torch.compile(score) if self.cfg.runtime.compile else score
+
+    def resume(self, resume_from: Path) -> None:
+        """Weights, optimizer, RNGs, batch position, carried state and early-stopping record of a checkpoint."""
+        dist = self.dist
+        state = load_checkpoint(resume_from, self.model)
         tensors = load_tensors(resume_from)
-        restore_training_state(optimizer, sampler, tensors, state["training"])
+        restore_training_state(self.optimizer, self.sampler, tensors, state["training"])
         if dist is not None and f"rng.torch.rank{dist.rank}" in tensors:  # each rank's own dropout stream
             torch.set_rng_state(tensors[f"rng.torch.rank{dist.rank}"])
-        carry = tensors_state(tensors, device)
-        if dist is not None and carry is not None:  # the checkpoint holds the whole batch's state: take our rows
-            carry = tuple(t[:, sampler.rows].contiguous() for t in carry)
-        start, bad_steps = state["step"], state["training"].get("nonfinite_steps", 0)
-        best = state["training"].get("best", best)
-        best_dir = Path(resume_from).parent / "best"
-        if cfg.early_stopping_patience and best["step"] is not None and (best_dir / "MANIFEST.json").exists():
-            best_weights = {k: v.clone() for k, v in _weights_of(best_dir, model).items()}
+        self.carry = tensors_state(tensors, self.device)
+        if dist is not None and self.carry is not None:  # the checkpoint holds the whole batch's state: our rows
+            self.carry = tuple(t[:, self.sampler.rows].contiguous() for t in self.carry)
+        self.start, self.bad_steps = state["step"], state["training"].get("nonfinite_steps", 0)
+        self.best = state["training"].get("best", self.best)
+        best_dir = resume_from.parent / "best"
+        if (
+            self.cfg.cadence.early_stopping_patience
+            and self.best["step"] is not None
+            and (best_dir / "MANIFEST.json").exists()
+        ):
+            self.best_weights = {k: v.clone() for k, v in _weights_of(best_dir, self.model).items()}
 
-    def checkpoint(step: int) -> None:
-        ranks_rng = distributed.gather_rng(device) if dist is not None else []  # collectives: every rank
-        whole_carry = distributed.gather_rows(carry, dist.world_size) if dist is not None else carry
-        if not main:
-            return
-        if before_checkpoint is not None:
-            before_checkpoint(step)
-        tensors, meta = training_state(optimizer, sampler)
-        tensors |= state_tensors(whole_carry) | {f"rng.torch.rank{k}": s for k, s in enumerate(ranks_rng)}
-        meta |= {"nonfinite_steps": bad_steps, "best": best}
-        state = {"step": step, "training": meta, **(checkpoint_state or {})}
-        save_checkpoint(Path(checkpoint_dir) / f"{STEP_PREFIX}{step:08d}", model, state, tensors)
-        prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+    def run(self) -> TrainResult:
+        self.done = self.start
+        for step in range(self.start, self.cfg.batches.max_steps):
+            grad_norm = self._step(step)
+            if grad_norm is None:  # skipped: non-finite
+                continue
+            self._log(grad_norm)
+            if self._evaluate():
+                break
+            self._checkpoint_or_stop()
+        return self._finish()
 
-    def validate(step: int) -> float:
-        loss = validation_estimate(model, val_tokens, cfg, device, amp_dtype) if main else 0.0
-        if dist is not None:  # rank 0's estimate decides early stopping on every rank
-            loss = distributed.broadcast(loss, device)
-        report(step, {"val_loss_estimate": loss})
-        return loss
-
-    def stop_requested() -> bool:
-        wanted = should_stop is not None and should_stop()
-        return bool(distributed.broadcast(float(wanted), device)) if dist is not None else wanted
-
-    done, stopped_early = start, False
-    for step in range(start, cfg.max_steps):
+    def _step(self, step: int) -> float | None:
+        """One optimizer step; its gradient norm, or None when it was skipped for a non-finite value."""
         t_step = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
-        for micro in range(cfg.grad_accumulation):
-            window, continues = sampler.next()  # (B, T + 1)
-            last = micro == cfg.grad_accumulation - 1
-            with score.no_sync() if dist is not None and not last else nullcontext():  # all-reduce once per step
-                with amp():
-                    nll, count, new_state = score(window.to(device), carry if continues else None, sampler.generator)
-                loss = nll / count / cfg.grad_accumulation  # the model's own objective, averaged over micro-batches
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = self._accumulate()
+        if self.dist is not None:
+            loss_value = distributed.mean(loss_value, self.device)  # the global batch's loss, the same on every rank
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._skip(step, loss_value, grad_norm)
+            return None
+        self.optimizer.step()
+        self.losses.append(loss_value)
+        self.rates.append(self.tokens_per_step / (time.perf_counter() - t_step))
+        self.done = step + 1
+        return grad_norm
+
+    def _accumulate(self) -> float:
+        """Forward and backward over ``grad_accumulation`` micro-batches; their summed (averaged) loss."""
+        accumulation, loss_value = self.cfg.batches.grad_accumulation, 0.0
+        for micro in range(accumulation):
+            window, continues = self.sampler.next()  # (B, T + 1)
+            last = micro == accumulation - 1
+            with self.score.no_sync() if self.dist is not None and not last else nullcontext():  # all-reduce once
+                with self.runtime.autocast():
+                    nll, count, new_state = self.score(
+                        window.to(self.device), self.carry if continues else None, self.sampler.generator
+                    )
+                loss = nll / count / accumulation  # the model's own objective, averaged over micro-batches
                 loss.backward()
             loss_value += loss.item()
-            carry = detach_state(new_state)
-        if dist is not None:
-            loss_value = distributed.mean(loss_value, device)  # the global batch's loss, the same on every rank
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            bad_steps += 1  # skip the update: the weights stay at the last good values
-            carry = None
-            if bad_steps >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"non-finite loss or gradient norm on {bad_steps} steps (train.max_nonfinite_steps), the last "
-                    f"at step {step + 1} (loss {loss_value}, gradient norm {grad_norm}); the weights were not "
-                    "updated on those steps and earlier checkpoints are intact. Lower train.learning_rate, use "
-                    "precision fp32, or check the data"
-                )
-            continue
-        optimizer.step()
-        losses.append(loss_value)
-        rates.append(tokens_per_step / (time.perf_counter() - t_step))
-        done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
-            window_losses, rate = losses[-cfg.log_interval :], statistics.median(rates[-cfg.log_interval :])
+            self.carry = detach_state(new_state)
+        return loss_value
+
+    def _skip(self, step: int, loss_value: float, grad_norm: float) -> None:
+        self.bad_steps += 1  # skip the update: the weights stay at the last good values
+        self.carry = None
+        if self.bad_steps >= self.cfg.cadence.max_nonfinite_steps:
+            raise TrainingError(
+                f"non-finite loss or gradient norm on {self.bad_steps} steps (train.max_nonfinite_steps), the last "
+                f"at step {step + 1} (loss {loss_value}, gradient norm {grad_norm}); the weights were not "
+                "updated on those steps and earlier checkpoints are intact. Lower train.learning_rate, use "
+                "precision fp32, or check the data"
+            )
+
+    def _log(self, grad_norm: float) -> None:
+        done, every = self.done, self.cfg.cadence.log_interval
+        if done % every == 0 or done == self.cfg.batches.max_steps:
+            window_losses, rate = self.losses[-every:], statistics.median(self.rates[-every:])
             metrics = {
                 "train_loss": sum(window_losses) / len(window_losses),
-                "learning_rate": optimizer.param_groups[0]["lr"],
+                "learning_rate": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm,
                 "tokens_per_second": rate,
             }
-            if flops_per_token:
-                metrics["mfu"] = rate * flops_per_token / peak_flops
-            report(done, metrics)
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            val_loss = validate(done)
-            if val_loss < best["loss"]:
-                best = {"loss": val_loss, "step": done, "evals_since": 0}
-                if cfg.early_stopping_patience:
-                    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if checkpoint_dir is not None and main:
-                        save_checkpoint(Path(checkpoint_dir) / "best", model, {"step": done, "val_loss": val_loss})
-            else:
-                best["evals_since"] += 1
-            if cfg.early_stopping_patience and best["evals_since"] >= cfg.early_stopping_patience:
-                stopped_early = done < cfg.max_steps
-                break
-        if checkpoint_dir is not None and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0:
-            checkpoint(done)
-        if done < cfg.max_steps and stop_requested():
-            if checkpoint_dir is not None:
-                checkpoint(done)
-            raise TrainingInterrupted(
-                done, Path(checkpoint_dir) / f"{STEP_PREFIX}{done:08d}" if checkpoint_dir else None
-            )
+            if self.flops_per_token:
+                metrics["mfu"] = rate * self.flops_per_token / self.hooks.peak_flops
+            self.report(done, metrics)
 
-    if stopped_early and best_weights is not None:
-        model.load_state_dict(best_weights)
-        val_loss = best["loss"]
-    wall = time.perf_counter() - t0
-    checkpoint = None
-    if checkpoint_dir is not None and main:
-        final = {"step": done, "val_loss_estimate": val_loss, "best_step": best["step"], **(checkpoint_state or {})}
-        checkpoint = save_checkpoint(Path(checkpoint_dir) / "final", model, final)
-        prune_checkpoints(checkpoint_dir, 0)  # finished: the resumable step checkpoints have served
-        shutil.rmtree(Path(checkpoint_dir) / "best", ignore_errors=True)
-    steady = rates[min(len(rates) - 1, 5) :] if rates else [0.0]  # skip warm-up steps
-    return TrainResult(
-        steps=done,
-        train_loss=losses[-1] if losses else float("nan"),
-        val_loss=val_loss,
-        wall_seconds=wall,
-        tokens_per_second=statistics.median(steady),
-        checkpoint=checkpoint,
-        best_step=best["step"],
-        stopped_early=stopped_early,
-    )
+    def _evaluate(self) -> bool:
+        """The periodic validation estimate (keeping the best weights); True when early stopping ends the run."""
+        done, cadence, max_steps = self.done, self.cfg.cadence, self.cfg.batches.max_steps
+        if not (done % cadence.eval_interval == 0 or done == max_steps):
+            return False
+        self.val_loss = self._validate(done)
+        if self.val_loss < self.best["loss"]:
+            self.best = {"loss": self.val_loss, "step": done, "evals_since": 0}
+            if cadence.early_stopping_patience:
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.checkpoint_dir is not None and self.main:
+                    save_checkpoint(self.checkpoint_dir / "best", self.model, {"step": done, "val_loss": self.val_loss})
+        else:
+            self.best["evals_since"] += 1
+        if cadence.early_stopping_patience and self.best["evals_since"] >= cadence.early_stopping_patience:
+            self.stopped_early = done < max_steps
+            return True
+        return False
+
+    def _validate(self, step: int) -> float:
+        cfg = self.cfg
+        loss = (
+            self.val_data.estimate(
+                self.model, batch_size=cfg.batches.batch_size, max_tokens=cfg.cadence.eval_tokens, runtime=self.runtime
+            )
+            if self.main
+            else 0.0
+        )
+        if self.dist is not None:  # rank 0's estimate decides early stopping on every rank
+            loss = distributed.broadcast(loss, self.device)
+        self.report(step, {"val_loss_estimate": loss})
+        return loss
+
+    def _checkpoint_or_stop(self) -> None:
+        """The periodic step checkpoint; on a stop request, a checkpoint and TrainingInterrupted."""
+        done, directory, every = self.done, self.checkpoint_dir, self.cfg.cadence.checkpoint_interval
+        if directory is not None and every and done % every == 0:
+            self._checkpoint(done)
+        if done < self.cfg.batches.max_steps and self._stop_requested():
+            if directory is not None:
+                self._checkpoint(done)
+            raise TrainingInterrupted(done, directory / f"{STEP_PREFIX}{done:08d}" if directory else None)
+
+    def _stop_requested(self) -> bool:
+        wanted = self.hooks.should_stop is not None and self.hooks.should_stop()
+        return bool(distributed.broadcast(float(wanted), self.device)) if self.dist is not None else wanted
+
+    def _checkpoint(self, step: int) -> None:
+        dist = self.dist
+        ranks_rng = distributed.gather_rng(self.device) if dist is not None else []  # collectives: every rank
+        whole_carry = distributed.gather_rows(self.carry, dist.world_size) if dist is not None else self.carry
+        if not self.main:
+            return
+        if self.hooks.before_checkpoint is not None:
+            self.hooks.before_checkpoint(step)
+        tensors, meta = training_state(self.optimizer, self.sampler)
+        tensors |= state_tensors(whole_carry) | {f"rng.torch.rank{k}": s for k, s in enumerate(ranks_rng)}
+        meta |= {"nonfinite_steps": self.bad_steps, "best": self.best}
+        state = {"step": step, "training": meta, **self.hooks.checkpoint_state}
+        save_checkpoint(self.checkpoint_dir / f"{STEP_PREFIX}{step:08d}", self.model, state, tensors)
+        prune_checkpoints(self.checkpoint_dir, self.cfg.cadence.keep_checkpoints)
+
+    def _finish(self) -> TrainResult:
+        """Best weights back (after early stopping), the final checkpoint, and the result."""
+        if self.stopped_early and self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+            self.val_loss = self.best["loss"]
+        wall = time.perf_counter() - self.t0
+        checkpoint = None
+        if self.checkpoint_dir is not None and self.main:
+            final = {"step": self.done, "val_loss_estimate": self.val_loss, "best_step": self.best["step"]}
+            checkpoint = save_checkpoint(self.checkpoint_dir / "final", self.model, final | self.hooks.checkpoint_state)
+            prune_checkpoints(self.checkpoint_dir, 0)  # finished: the resumable step checkpoints have served
+            shutil.rmtree(self.checkpoint_dir / "best", ignore_errors=True)
+        steady = self.rates[min(len(self.rates) - 1, 5) :] if self.rates else [0.0]  # skip warm-up steps
+        return TrainResult(
+            steps=self.done,
+            train_loss=self.losses[-1] if self.losses else float("nan"),
+            val_loss=self.val_loss,
+            wall_seconds=wall,
+            tokens_per_second=statistics.median(steady),
+            checkpoint=checkpoint,
+            best_step=self.best["step"],
+            stopped_early=self.stopped_early,
+        )
 
 
 def _weights_of(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:

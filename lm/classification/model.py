@@ -23,6 +23,7 @@ class Classifier(nn.Module):
     """``forward(ids (B, T), lengths (B,)) → logits (B, classes)``; ``score(batch)`` is its training loss."""
 
     objective = "classification"
+    unused_parameters = True  # the backbone's LM head (and frozen layers) get no gradient
 
     def __init__(
         self, backbone: nn.Module, head: HeadConfig, num_classes: int, class_weights: list[float] | None = None
@@ -55,14 +56,7 @@ class Classifier(nn.Module):
 
     def backbone_layers(self) -> list[list[nn.Parameter]]:
         """The backbone's parameters by depth: [embeddings, layer 1, …, layer N]."""
-        b = self.backbone
-        if hasattr(b, "blocks"):  # GPT / encoder
-            embeddings = [b.token_embedding.weight] + ([b.position_embedding.weight] if b.position_embedding else [])
-            return [embeddings] + [list(block.parameters()) for block in b.blocks]
-        layers = [[b.embedding.weight]]  # LSTM: parameters named weight_ih_l{k}, bias_hh_l{k}, …
-        for k in range(b.cfg.num_layers):
-            layers.append([p for name, p in b.lstm.named_parameters() if name.split("_l")[-1].split("_")[0] == str(k)])
-        return layers
+        return self.backbone.layers()
 
     def freeze(self, n: int) -> None:
         """Stop training the embeddings and the first ``n`` layers (they keep their loaded values)."""
@@ -79,7 +73,7 @@ class Classifier(nn.Module):
         """Pooled features (B, C) of right-padded ``ids`` (B, T) with true ``lengths`` (B,)."""
         B, T = ids.shape
         mask = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]  # (B, T) real tokens
-        limit = getattr(self.backbone, "max_length", None)
+        limit = self.backbone.max_length
         if limit is None or T <= limit:
             hidden = self.backbone.encode(ids, key_mask=mask) if self.bidirectional else self.backbone.encode(ids)
         else:  # consecutive windows of the backbone's context, encoded as one batch

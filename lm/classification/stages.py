@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from lm.cache import Entry, StageCache
 from lm.checkpoint import load_checkpoint, load_weights, sha256_file
+from lm.classification.batches import ExampleBatches
 from lm.classification.config import HeadConfig, LabelledData
 from lm.classification.data import build_dataset, read_examples
 from lm.classification.examples import Examples, encode_examples
@@ -25,9 +26,9 @@ from lm.classification.metrics import confusion_matrix, majority_baseline, predi
 from lm.classification.model import Classifier, build_classifier, resolve_class_weights
 from lm.config import ModelConfig, TokenizerConfig, TrainConfig
 from lm.errors import DataError
+from lm.runtime import resolve_runtime
 from lm.stages import model_card, run_training
 from lm.tokenizers import load_tokenizer, tokenizer_digest, train_tokenizer
-from lm.training import resolve_device, resolve_precision
 from lm.versions import code_digest
 
 SPLITS = ("train", "val", "test")
@@ -155,8 +156,8 @@ def fit(
     }
     return card | run_training(
         model,
-        train_split,
-        val_split,
+        ExampleBatches(train_split),
+        ExampleBatches(val_split),
         train_cfg,
         Path(out_dir),
         state,
@@ -182,8 +183,8 @@ def score_examples(model: Classifier, examples: Examples, labels: list[str], tra
 
 def evaluate(encoded: dict, checkpoint: Path, model_cfg: ModelConfig, head: HeadConfig, train_cfg: TrainConfig) -> dict:
     """Validation (and test) metrics, confusion matrices and a few example predictions."""
-    device = resolve_device(train_cfg.device)
-    amp_dtype = resolve_precision(train_cfg.precision, device)
+    runtime = resolve_runtime(train_cfg)
+    device, amp_dtype = runtime.device, runtime.amp_dtype
     labels = encoded["labels"]
     model = load_classifier(checkpoint, model_cfg, head, encoded["vocab_size"], labels).to(device)
     train_labels = load_split(encoded, "train").labels

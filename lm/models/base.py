@@ -22,6 +22,8 @@ class LanguageModel(Protocol):
     context_length: int
     vocab_size: int
     objective: str  # "causal" (predict the next token) or "mlm" (predict masked tokens)
+    max_length: int | None  # the longest input ``encode`` accepts (None: any)
+    unused_parameters: bool  # some parameters get no gradient in training (DDP must look for them)
 
     def __call__(self, tokens: torch.Tensor, state: Any = None) -> LMOutput: ...
 
@@ -36,6 +38,10 @@ class LanguageModel(Protocol):
         ...
 
     def num_parameters(self, *, non_embedding: bool = False) -> int: ...
+
+    def layers(self) -> list[list[torch.nn.Parameter]]:
+        """The parameters by depth, [embeddings, layer 1, …, layer N], for heads that freeze the first few."""
+        ...
 
     def flops_per_token(self) -> float: ...
 

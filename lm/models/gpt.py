@@ -158,10 +158,20 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    unused_parameters = False
+    """Whether training leaves some parameters without a gradient (DistributedDataParallel must look for them)."""
+
     @property
     def max_length(self) -> int:
         """Longest sequence ``encode`` accepts (task heads read longer texts window by window)."""
         return self.context_length
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        """The parameters by depth: [embeddings, block 1, …, block N] (what a task head freezes)."""
+        embeddings = [self.token_embedding.weight] + (
+            [self.position_embedding.weight] if self.position_embedding else []
+        )
+        return [embeddings] + [list(block.parameters()) for block in self.blocks]
 
     def encode(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → final hidden states (B, T, C), after the last layer norm. ``key_mask`` (B, T):

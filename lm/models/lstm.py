@@ -50,6 +50,16 @@ class LSTMLM(nn.Module):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
 
     max_length = None  # ``encode`` reads any length: the state carries
+    unused_parameters = False  # every parameter gets a gradient from the LM objective
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        """The parameters by depth: [embedding, layer 1, …, layer N] (what a task head freezes)."""
+        layers = [[self.embedding.weight]]  # the LSTM's parameters are named weight_ih_l{k}, bias_hh_l{k}, …
+        for k in range(self.cfg.num_layers):
+            layers.append(
+                [p for name, p in self.lstm.named_parameters() if name.split("_l")[-1].split("_")[0] == str(k)]
+            )
+        return layers
 
     def encode(self, tokens: torch.Tensor, state: tuple | None = None) -> torch.Tensor:
         """tokens (B, T) → top-layer hidden states (B, T, H)."""

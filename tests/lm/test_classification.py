@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lm.classification import stages
+from lm.classification.batches import ExampleBatches
 from lm.classification.config import HeadConfig, LabelledFiles, LabelledHub, ShakespeareGenre
 from lm.classification.examples import Examples
 from lm.classification.metrics import confusion_matrix, majority_baseline, scores
@@ -67,7 +68,13 @@ def test_frozen_layers_do_not_change_and_the_rest_trains(kind):
     before = [[p.detach().clone() for p in group] for group in layers]
     head_before = model.head.weight.detach().clone()
     cfg = TrainConfig(max_steps=6, batch_size=8, learning_rate=1e-2, warmup_steps=0, eval_interval=6, eval_tokens=64)
-    train(model.train(), _examples(), _examples(16, 1), cfg, on_metrics=lambda step, metrics: None)
+    train(
+        model.train(),
+        ExampleBatches(_examples()),
+        ExampleBatches(_examples(16, 1)),
+        cfg,
+        on_metrics=lambda step, metrics: None,
+    )
     for group, old in zip(layers[:2], before[:2], strict=True):  # embeddings and layer 1
         assert all(torch.equal(p, q) for p, q in zip(group, old, strict=True))
         assert all(not p.requires_grad for p in group)
@@ -88,7 +95,7 @@ def test_training_learns_a_learnable_task_and_resumes_exactly(tmp_path):
         max_steps=80, batch_size=16, learning_rate=1e-2, warmup_steps=0, eval_interval=20, eval_tokens=256,
         checkpoint_interval=20,
     )  # fmt: skip
-    data, val = _examples(256), _examples(64, 1)
+    data, val = ExampleBatches(_examples(256)), ExampleBatches(_examples(64, 1))
     whole = classifier("gpt").train()
     train(whole, data, val, cfg, on_metrics=lambda s, m: None, checkpoint_dir=tmp_path / "whole")
     stopped = classifier("gpt").train()
@@ -101,8 +108,8 @@ def test_training_learns_a_learnable_task_and_resumes_exactly(tmp_path):
           resume_from=interrupted.value.checkpoint)  # fmt: skip
     for p, q in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q)
-    probs, _ = predict(whole, val)
-    assert (probs.argmax(1) == val.labels).mean() > 0.9
+    probs, _ = predict(whole, val.examples)
+    assert (probs.argmax(1) == val.examples.labels).mean() > 0.9
 
 
 def test_metrics_and_baseline():

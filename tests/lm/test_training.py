@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from lm.batches import BatchSampler, StreamSampler
 from lm.checkpoint import load_checkpoint, verify_checkpoint
 from lm.config import GPTConfig, LSTMConfig, TrainConfig
 from lm.models import build_model
-from lm.training import BatchSampler, StreamSampler, TrainingError, lr_at, make_optimizer, train
+from lm.training import TrainingError, lr_at, make_optimizer, train
 
 
 def _tokens(n=4000, vocab=11, seed=0):
