@@ -37,8 +37,8 @@ def load_data() -> tuple[np.ndarray, np.ndarray, int]:
     root = Path(tempfile.mkdtemp(prefix="lmp-baseline-"))
     corpus = stages.ingest(BuiltinData(max_chars=1_115_394), root / "data", base_dir=root, context_length=64)
     tokens = stages.tokenize(corpus, CharTokenizerConfig(), root / "tokens", context_length=64)
-    read = lambda split: np.fromfile(Path(tokens["path"]) / f"{split}.bin", dtype=tokens["dtype"]).astype(np.int64)  # noqa: E731
-    return read("train"), read("val"), tokens["vocab_size"]
+    read = lambda split: np.fromfile(Path(tokens.path) / f"{split}.bin", dtype=tokens.dtype).astype(np.int64)  # noqa: E731
+    return read("train"), read("val"), tokens.vocab_size
 
 
 class Clock:

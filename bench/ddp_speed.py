@@ -29,7 +29,7 @@ def prepare(pipeline: str) -> tuple[dict, dict]:
     ctx = spec.model.context_length
     corpus = stages.ingest(spec.data, root / "data", base_dir=Path.cwd(), context_length=ctx)
     tokens = stages.tokenize(corpus, spec.tokenizer, root / "tokens", context_length=ctx)
-    return spec.model_dump(mode="json"), tokens
+    return spec.model_dump(mode="json"), tokens.model_dump(mode="json")
 
 
 def train(spec_json: dict, tokens: dict, steps: int) -> float:
@@ -37,10 +37,12 @@ def train(spec_json: dict, tokens: dict, steps: int) -> float:
     import torch.distributed as dist
 
     from flows.config import validate_spec
-    from lm import distributed, stages
+    from flows.ddp_worker import from_environment
+    from lm import stages
+    from lm.results import TokenShards
 
     spec = validate_spec(spec_json)
-    ctx = distributed.from_environment()
+    ctx = from_environment()
     if ctx is not None:
         dist.init_process_group("gloo")
     cfg = spec.train.model_copy(update={"max_steps": steps, "eval_interval": 10**6, "log_interval": 1,
@@ -48,7 +50,7 @@ def train(spec_json: dict, tokens: dict, steps: int) -> float:
     rates: list[float] = []
     sink = lambda step, metrics: rates.append(metrics["tokens_per_second"]) if "tokens_per_second" in metrics else None  # noqa: E731
     with tempfile.TemporaryDirectory() as out:
-        stages.fit(tokens, spec.model, cfg, Path(out), on_metrics=sink, dist=ctx)
+        stages.fit(TokenShards.model_validate(tokens), spec.model, cfg, Path(out), on_metrics=sink, dist=ctx)
     if ctx is not None:
         dist.destroy_process_group()
     return statistics.median(rates[5:]) if rates else 0.0

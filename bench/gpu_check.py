@@ -38,7 +38,7 @@ def prepare(where: Path, pipeline: str) -> None:
     ctx = spec.model.context_length
     corpus = stages.ingest(spec.data, where / "data", base_dir=Path.cwd(), context_length=ctx)
     tokens = stages.tokenize(corpus, spec.tokenizer, where / "tokens", context_length=ctx)
-    tokens = json.loads(json.dumps(tokens, default=str))
+    tokens = tokens.model_dump(mode="json")
     job = {"spec": spec.model_dump(mode="json"), "tokens": tokens, "root": str(where.resolve())}
     (where / "job.json").write_text(json.dumps(job, indent=2))
     print(f"prepared {where}/job.json: {pipeline}, tokens under {where / 'tokens'}")
@@ -56,6 +56,7 @@ def fit(job: dict, out: Path, *, steps: int, precision: str, dist=None, resume_f
     """One training run on CUDA; the median tokens/s of the steady steps and the last validation estimate."""
     from flows.config import validate_spec
     from lm import stages
+    from lm.results import TokenShards
     from lm.training import TrainingInterrupted
 
     spec = validate_spec(job["spec"])
@@ -80,7 +81,8 @@ def fit(job: dict, out: Path, *, steps: int, precision: str, dist=None, resume_f
     started = time.perf_counter()
     stop = (lambda: done[0] >= stop_at) if stop_at else None  # the real stop path: checkpoint, then raise
     try:
-        result = stages.fit(job["tokens"], spec.model, cfg, out, on_metrics=sink, dist=dist, resume_from=resume_from,
+        tokens = TokenShards.model_validate(job["tokens"])
+        result = stages.fit(tokens, spec.model, cfg, out, on_metrics=sink, dist=dist, resume_from=resume_from,
                             should_stop=stop)  # fmt: skip
     except TrainingInterrupted as e:
         return {"stopped_at": e.step, "checkpoint": str(e.checkpoint)}
@@ -93,8 +95,8 @@ def fit(job: dict, out: Path, *, steps: int, precision: str, dist=None, resume_f
         "median_tokens_per_second": round(statistics.median(rates[10:] or rates)) if rates else None,
         "tokens_per_second_wall": round(steps * cfg.batch_size * spec.model.context_length / seconds),
         "val_loss_estimate": vals[-1] if vals else None,
-        "train_loss": result["train_loss"],
-        "checkpoint": result["checkpoint"],
+        "train_loss": result.train_loss,
+        "checkpoint": result.checkpoint,
     }
 
 

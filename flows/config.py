@@ -199,18 +199,24 @@ class _Spec(Frozen):
         return self.overridden(self.schedule.parameters, clear="schedule")
 
     def overridden(self, values: dict[str, Any], clear: str | None = None):
-        """This spec with dotted-key ``values`` applied and validated (``clear``: the section whose
-        overrides these are, emptied so they are not applied twice)."""
+        """This spec with ``values`` applied and validated (pydantic's ValidationError if the result is invalid;
+        this spec is unchanged). Keys are dotted paths (``"train.max_steps"``) or top-level fields (``"retries"``);
+        values are JSON-like (scalars, lists, dicts), and a dict replaces the whole section or field it names
+        (``{"head": {"pooling": "mean"}}``: unnamed fields take their defaults). A dotted key into an unset
+        section (None) starts it empty. ``clear``: the section whose overrides these are, emptied so they are
+        not applied twice."""
         data = self.model_dump(mode="json")
         if clear == "schedule":
             data["schedule"]["parameters"] = {}
         elif clear == "sweep":
             data["sweep"] = None
         for dotted, value in values.items():
-            node, *path, leaf = dotted.split(".")
-            target = data.setdefault(node, {})
+            *path, leaf = dotted.split(".")
+            target = data
             for key in path:
-                target = target.setdefault(key, {})
+                if not isinstance(target.get(key), dict):
+                    target[key] = {}
+                target = target[key]
             target[leaf] = value
         return type(self).model_validate(data)
 
@@ -257,6 +263,12 @@ class _Spec(Frozen):
             )
 
 
+def shape(model: ModelConfig) -> str:
+    """An architecture in a few words: ``gpt 4×128, ctx 256``."""
+    width = getattr(model, "hidden_dim", getattr(model, "embed_dim", "?"))
+    return f"{model.kind} {model.num_layers}×{width}, ctx {model.context_length}"
+
+
 def _default_kind(value: dict, section: str, key: str, default: str) -> None:
     if isinstance(value.get(section), dict) and key not in value[section]:
         value[section] = {key: default, **value[section]}
@@ -284,6 +296,10 @@ class PipelineSpec(_Spec):
             if isinstance(model, dict) and model.get("kind") == "encoder" and isinstance(promote, dict):
                 value["promote"] = {"metric": "val_mlm_loss", **promote}
         return value
+
+    def model_summary(self) -> str:
+        """The model in a few words, for `lmp list`."""
+        return shape(self.model)
 
     @model_validator(mode="after")
     def _promote_metric_is_reported(self) -> PipelineSpec:
@@ -353,6 +369,9 @@ class ClassifierSpec(_Spec):
     @property
     def scratch(self) -> bool:
         return self.init_from == "scratch"
+
+    def model_summary(self) -> str:
+        return f"classifier on {shape(self.model) if self.scratch else self.init_from}"
 
 
 AnySpec = Annotated[PipelineSpec | ClassifierSpec, Field(discriminator="task")]

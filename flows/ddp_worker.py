@@ -9,7 +9,6 @@ traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,43 +21,41 @@ def main(job_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from flows import tracking
+    from flows import tasks, tracking
     from flows.config import validate_spec
     from flows.resume import STOP
-    from flows.torchrun import fit_stage
+    from flows.torchrun import Job
     from lm import distributed
     from lm.atomic import atomic_write_bytes
+    from lm.results import Init
     from lm.runtime import resolve_device
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    spec = validate_spec(job["spec"])
+    job = Job.model_validate_json(Path(job_path).read_text(encoding="utf-8"))
+    spec = validate_spec(job.spec)
+    task = tasks.task_of(spec)
+    encoded = task.encoded_type.model_validate(job.encoded)
+    init = Init.model_validate(job.init) if job.init else None
     ctx = from_environment()
     device = resolve_device(spec.train.device, local_rank=ctx.local_rank)  # no CUDA context before set_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(distributed.resolve_backend(spec.train.distributed.backend, device))
     try:
-        tracking.configure_uri(job["tracking_uri"])
-        resume = Path(job["resume_from"]) if job["resume_from"] else None
-        hooks = {"dist": ctx, "peak_flops": job["peak_flops"], "resume_from": resume, "should_stop": STOP.requested}
+        tracking.configure_uri(job.tracking_uri)
+        resume = Path(job.resume_from) if job.resume_from else None
+        hooks = {"dist": ctx, "peak_flops": job.peak_flops, "resume_from": resume, "should_stop": STOP.requested}
         with STOP.handling():  # SIGTERM from torchrun (a stop request): rank 0 checkpoints, every rank stops
             if not ctx.is_main:
-                fit_stage(spec, job["tokens"], Path(job["out"]), on_metrics=lambda step, metrics: None, **hooks)
+                task.fit(encoded, init, Path(job.out), on_metrics=lambda step, metrics: None, **hooks)
                 return
-            with tracking.MetricSink(job["run_id"], resuming=job["replaying"], buffer_dir=job["out"]) as sink:
+            with tracking.MetricSink(job.run_id, resuming=job.replaying, buffer_dir=job.out) as sink:
                 hooks["should_stop"] = lambda: STOP.requested() or sink.should_stop()
-                on_start = None if resume else (lambda card: tracking.log_params(job["run_id"], card))
+                on_start = None if resume else (lambda card: tracking.log_params(job.run_id, card))
                 flush = lambda step: sink.flush()  # noqa: E731 — metrics up to a checkpoint are durable before it
-                result = fit_stage(
-                    spec,
-                    job["tokens"],
-                    Path(job["out"]),
-                    on_metrics=sink,
-                    on_start=on_start,
-                    before_checkpoint=flush,
-                    **hooks,
+                trained = task.fit(
+                    encoded, init, Path(job.out), on_metrics=sink, on_start=on_start, before_checkpoint=flush, **hooks
                 )
-        atomic_write_bytes(Path(job["out"]) / "result.json", json.dumps(result).encode())
+        atomic_write_bytes(Path(job.out) / "result.json", trained.model_dump_json().encode())
     finally:
         dist.destroy_process_group()
 

@@ -9,12 +9,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows import classify, prefect_links, tasks, tracking
-from flows.config import ClassifierSpec, PipelineSpec, validate_spec
+from flows import prefect_links, tasks, tracking
+from flows.config import AnySpec, validate_spec
 from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
-from lm.sources import describe
 from lm.training import TrainingInterrupted
 
 STAMP = "%Y%m%d-%H%M%S"
@@ -33,9 +32,7 @@ def stopped_message(stop: TrainingInterrupted) -> str:
 
 
 @flow(name="lm-pipeline", flow_run_name=_flow_run_name, validate_parameters=False, **tasks.RESULTS)
-def lm_pipeline(
-    spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False
-) -> dict:
+def lm_pipeline(spec: AnySpec | dict, workdir: str = ".lmp", base_dir: str = ".", fresh: bool = False) -> dict:
     """Run one pipeline end to end; returns the run id, metrics, sample and registered version.
 
     ``workdir`` holds stage outputs and caches; relative data paths are resolved against ``base_dir``.
@@ -53,8 +50,10 @@ def lm_pipeline(
         return Cancelled(message=stopped_message(stop), data=stop)
 
 
-def _run(spec: PipelineSpec | ClassifierSpec, workdir: str, base_dir: str, fresh: bool) -> dict:
-    """The flow's body: one tracked MLflow run around the stages (ended KILLED when training is stopped)."""
+def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
+    """The flow's body, the same for every task: one tracked MLflow run around the stages (ended KILLED when
+    training is stopped). The task (``lm.tasks``) decides what each stage does."""
+    task = tasks.task_of(spec)
     tracking.configure(Path(base_dir))  # MLFLOW_TRACKING_URI, else the embedded store under base_dir
     resume = prepare_resume(spec, workdir, fresh)
     tags = {"pipeline": spec.name, "config_digest": spec.digest(), "prefect.flow_run_id": str(flow_run.id)}
@@ -70,32 +69,32 @@ def _run(spec: PipelineSpec | ClassifierSpec, workdir: str, base_dir: str, fresh
             tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)))
         prefect_links.link_mlflow_run(spec.name, run_id)
         retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
-        if spec.task == "classification":
-            result = classify.run(spec, run_id, workdir, base_dir, resume, retry)
-            prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{result['data_digest'][:8]}-{stamp}")
-            get_run_logger().info("registered %s", result["registered"]["uri"])
-            return result
-        context = spec.model.context_length
-        corpus = tasks.ingest.with_options(**retry)(spec.data, workdir, base_dir, context)
-        prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{corpus['digest'][:8]}-{stamp}")
-        tokens = tasks.tokenize.with_options(**retry)(corpus, spec.tokenizer, workdir, context)
+        init = tasks.init_model.with_options(**retry)(spec, workdir) if task.init_from() else None
+        tracking.set_tags(run_id, task.lineage_tags(init))
+        prepared = tasks.ingest.with_options(**retry)(spec, workdir, base_dir)
+        prefect_links.rename_flow_run(str(flow_run.id), f"{spec.name}-{prepared.digest[:8]}-{stamp}")
+        encoded = tasks.tokenize.with_options(**retry)(spec, prepared, init, workdir)
         if resume is None:
-            tracking.log_dataset(run_id, corpus, describe(spec.data))
-        tracking.set_tags(run_id, {"data_digest": corpus["digest"], "tokenizer_digest": tokens["tokenizer_digest"]})
+            tracking.log_params(run_id, task.params(encoded, init))
+            tracking.log_dataset(run_id, task.dataset(prepared))
+        tracking.set_tags(run_id, {"data_digest": prepared.digest, "tokenizer_digest": encoded.tokenizer_digest})
         train = tasks.train.with_options(**retry, timeout_seconds=spec.timeout_seconds)
-        trained = train(tokens, spec, run_id, workdir, str(resume.checkpoint) if resume else None)
-        evaluated = tasks.evaluate.with_options(**retry)(tokens, trained, spec, run_id)
-        registered = tasks.register.with_options(**retry)(corpus, tokens, trained, evaluated, spec, run_id, workdir)
-        tasks.report.with_options(**retry)(tokens, trained, evaluated, registered, spec, run_id)
-        get_run_logger().info("registered %s", registered["uri"])
-    record_success(workdir, spec.name, corpus["inputs"], tokens["inputs"])
+        trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
+        evaluation = tasks.evaluate.with_options(**retry)(spec, encoded, trained, init, run_id)
+        registered = tasks.register.with_options(**retry)(
+            spec, prepared, encoded, trained, evaluation, init, run_id, workdir
+        )
+        tasks.report.with_options(**retry)(spec, encoded, trained, evaluation, registered, init, run_id)
+        get_run_logger().info("registered %s", registered.uri)
+    record_success(workdir, spec.name, prepared.inputs, encoded.inputs)
     return {
         "run_id": run_id,
-        "metrics": evaluated["metrics"],
-        "sample": evaluated["sample"],
-        "registered": registered,
-        "train": trained,
-        "data_digest": corpus["digest"],
-        "stages": {"ingest": corpus["cached"], "tokenize": tokens["cached"]},
+        "metrics": evaluation.metrics,
+        "sample": evaluation.summary,
+        "registered": registered.model_dump(),
+        "train": trained.model_dump(),
+        "data_digest": prepared.digest,
+        "stages": {"ingest": prepared.cached, "tokenize": encoded.cached},
         "resumed_from_step": resume.step if resume else None,
+        "init": init.model_dump() if init else None,
     }

@@ -30,6 +30,7 @@ from lm.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, sha256_f
 from lm.config import flatten
 from lm.errors import DataError
 from lm.plan import PendingResume
+from lm.results import Encoded, Init, Trained
 
 SCHEDULE_KEYS = (
     "train.max_steps",
@@ -171,22 +172,22 @@ def spec_settings(spec) -> dict[str, str]:
     return trajectory(flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)))
 
 
-def training_inputs(tokens: dict) -> dict[str, str | None]:
-    """What training read besides its settings: the data and tokenizer digests (and a classifier's
-    initialising weights)."""
-    init = tokens.get("init_weights")
+def training_inputs(encoded: Encoded, init: Init | None) -> dict[str, str | None]:
+    """What training read besides its settings: the data and tokenizer digests (and the initialising
+    weights of a model that starts from a registered one)."""
     return {
-        "data_digest": tokens["data_digest"],
-        "tokenizer_digest": tokens["tokenizer_digest"],
-        "init_weights": sha256_file(Path(init)) if init else None,
+        "data_digest": encoded.data_digest,
+        "tokenizer_digest": encoded.tokenizer_digest,
+        "init_weights": sha256_file(Path(init.package.weights)) if init else None,
     }
 
 
-def record_trained(out: Path, settings: dict[str, str], inputs: dict, result: dict) -> None:
+def record_trained(out: Path, settings: dict[str, str], inputs: dict, trained: Trained) -> None:
     """Once training finished: its result with the settings and inputs it was made with, tied to the
     ``final/`` checkpoint's manifest, so that a failure later in the run (evaluation, registration, a
     stop) resumes from ``final/`` without training again."""
-    final = Path(result["checkpoint"])
+    final = Path(trained.checkpoint)
+    result = trained.model_dump(mode="json")
     record = {"result": result, "settings": settings, "inputs": inputs, "manifest": sha256_file(final / MANIFEST)}
     atomic_write_bytes(Path(out) / TRAINED, json.dumps(record, indent=2).encode())
 

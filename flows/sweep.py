@@ -24,11 +24,11 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows import classify, prefect_links, tasks, torchrun, tracking
-from flows.config import ClassifierSpec, PipelineSpec, SweepConfig, validate_spec
-from flows.registry import classify_report
-from lm import stages
+from flows import prefect_links, tasks, tracking
+from flows.config import AnySpec, SweepConfig, validate_spec
+from flows.registry import reports as reporting
 from lm.config import flatten
+from lm.results import Evaluation, Init, Trained
 
 PARENT_TAG, TRIAL_TAG = "lmp.sweep.parent", "lmp.sweep.trial"
 
@@ -62,12 +62,15 @@ def _trial_name() -> str:
 
 
 @flow(name="lm-trial", flow_run_name=_trial_name, validate_parameters=False, **tasks.RESULTS)
-def lm_trial(spec: PipelineSpec, job: dict) -> dict:
-    """Train and evaluate one trial into an MLflow child run of the sweep. ``job``: index, values, tokens,
-    parent_run_id, workdir, tracking_uri, threads."""
+def lm_trial(spec: AnySpec, job: dict) -> dict:
+    """Train and evaluate one trial into an MLflow child run of the sweep. ``job``: index, values, encoded and
+    init (as JSON), parent_run_id, workdir, tracking_uri, threads."""
     import torch
 
-    index, values, tokens, workdir = job["index"], job["values"], job["tokens"], job["workdir"]
+    task = tasks.task_of(spec)
+    index, values, workdir = job["index"], job["values"], job["workdir"]
+    encoded = task.encoded_type.model_validate(job["encoded"])
+    init = Init.model_validate(job["init"]) if job["init"] else None
     torch.set_num_threads(job["threads"])  # the trials share the machine's cores
     tracking.configure_uri(job["tracking_uri"])
     client = MlflowClient()
@@ -83,68 +86,51 @@ def lm_trial(spec: PipelineSpec, job: dict) -> dict:
     run_id = run.info.run_id
     try:
         params = flatten(spec.model_dump(mode="json", exclude={"name", "sweep"}, exclude_none=True))
-        if spec.task == "classification" and not spec.scratch:  # the backbone comes from the init model
-            params |= flatten({"model": tokens["model"]}) | {"tokenizer.kind": tokens["tokenizer_source"]}
-        tracking.log_params(run_id, params)
+        tracking.log_params(run_id, params | task.params(encoded, init))
         with tracking.MetricSink(run_id) as sink:
-            trained = torchrun.fit_stage(
-                spec,
-                tokens,
+            trained = task.fit(
+                encoded,
+                init,
                 Path(workdir) / "runs" / run_id,
                 on_metrics=sink,
                 on_start=lambda card: tracking.log_params(run_id, card),
             )
-        evaluated = evaluate(spec, tokens, trained, run_id)
+        evaluation = task.evaluate(encoded, trained, init)
+        tracking.log_metrics(run_id, evaluation.metrics, step=trained.steps)
+        reporting.log_evaluation(run_id, evaluation)
         tracking.log_metrics(
-            run_id,
-            {"wall_seconds": trained["wall_seconds"], "tokens_per_second": trained["tokens_per_second"]},
-            step=trained["steps"],
-        )
+            run_id, {"wall_seconds": trained.wall_seconds, "tokens_per_second": trained.tokens_per_second},
+            step=trained.steps,
+        )  # fmt: skip
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return {"index": index, "run_id": run_id, "values": values, "trained": trained, "evaluated": evaluated}
+    return {
+        "index": index, "run_id": run_id, "values": values, "trained": trained.model_dump(mode="json"),
+        "evaluated": evaluation.model_dump(mode="json"),
+    }  # fmt: skip
 
 
 @task(name="trial", cache_policy=tasks.OPTS["cache_policy"], **tasks.RESULTS)
-def trial(spec: PipelineSpec, job: dict) -> dict:
+def trial(spec: AnySpec, job: dict) -> dict:
     """One trial on a Dask worker, as a child flow run."""
     return lm_trial(spec, job)
 
 
-def prepare(spec, workdir: str, base_dir: str) -> dict:
-    """The stages every trial shares, run once: ingest and tokenize (a classifier: also its init model)."""
-    if spec.task == "classification":
-        init = None if spec.scratch else classify.init_model(spec.init_from, workdir)
-        dataset = classify.ingest(spec, workdir, base_dir)
-        return {"data": dataset, "tokens": classify.tokenize(dataset, spec, init, workdir), "init": init}
-    corpus = tasks.ingest(spec.data, workdir, base_dir, spec.model.context_length)
-    return {"data": corpus, "tokens": tasks.tokenize(corpus, spec.tokenizer, workdir, spec.model.context_length)}
+def prepare(spec: AnySpec, workdir: str, base_dir: str) -> dict:
+    """The stages every trial shares, run once: init model (when the task starts from one), ingest, tokenize."""
+    init = tasks.init_model(spec, workdir) if tasks.task_of(spec).init_from() else None
+    prepared = tasks.ingest(spec, workdir, base_dir)
+    return {"data": prepared, "encoded": tasks.tokenize(spec, prepared, init, workdir), "init": init}
 
 
-def evaluate(spec, tokens: dict, trained: dict, run_id: str) -> dict:
-    """A trial's evaluation, logged to its run."""
-    if spec.task == "classification":
-        from lm.classification import stages as classification
-
-        result = classification.evaluate(
-            tokens, trained["checkpoint"], classify.backbone(tokens), spec.head, spec.train
-        )
-        tracking.log_metrics(run_id, result["metrics"], step=trained["steps"])
-        classify_report.log_evaluation(run_id, result)
-        return result
-    result = stages.evaluate(tokens, trained["checkpoint"], spec.model, spec.train, spec.eval)
-    tracking.log_evaluation(run_id, result, step=trained["steps"])
-    return result
-
-
-def register(spec, shared: dict, best: dict, workdir: str) -> dict:
+def register(spec: AnySpec, shared: dict, best: dict, workdir: str):
     """Register the best trial's model (logged into its run) and run the gate."""
-    data, tokens, trained, evaluated = shared["data"], shared["tokens"], best["trained"], best["evaluated"]
-    if spec.task == "classification":
-        return classify.register(data, tokens, trained, evaluated, shared["init"], spec, best["run_id"], workdir)
-    return tasks.register(data, tokens, trained, evaluated, spec, best["run_id"], workdir)
+    trained, evaluation = Trained.model_validate(best["trained"]), Evaluation.model_validate(best["evaluated"])
+    return tasks.register(
+        spec, shared["data"], shared["encoded"], trained, evaluation, shared["init"], best["run_id"], workdir
+    )
 
 
 def rank(results: list[dict], metric: str, mode: str) -> list[dict]:
@@ -163,7 +149,7 @@ def _sweep_name() -> str:
 
 
 @flow(name="lm-sweep", flow_run_name=_sweep_name, validate_parameters=False, **tasks.RESULTS)
-def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", base_dir: str = ".") -> dict:
+def lm_sweep(spec: AnySpec | dict, workdir: str = ".lmp", base_dir: str = ".") -> dict:
     """Run the pipeline's sweep: shared ingest/tokenize, trials on the task runner, the best registered."""
     spec = validate_spec(spec)
     cfg = spec.sweep
@@ -192,11 +178,12 @@ def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", 
             },
         )
         shared = prepare(spec, workdir, base_dir)
-        tokens = shared["tokens"]
+        encoded, init = shared["encoded"], shared["init"]
         threads = max(1, (os.cpu_count() or 1) // min(cfg.max_parallel, len(trials)))
         log.info("sweep: %d trials, %d at a time, ranked by %s (%s)", len(trials), cfg.max_parallel, metric, mode)
         common = {
-            "tokens": tokens,
+            "encoded": encoded.model_dump(mode="json"),
+            "init": init.model_dump(mode="json") if init else None,
             "parent_run_id": parent,
             "workdir": workdir,
             "tracking_uri": uri,
@@ -229,14 +216,14 @@ def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", 
                 "lmp.sweep.best_run_id": best["run_id"],
                 "lmp.sweep.best_trial": str(best["index"]),
                 "lmp.sweep.best_values": json.dumps(best["values"]),
-                "data_digest": shared["data"]["digest"],
-                "tokenizer_digest": tokens["tokenizer_digest"],
+                "data_digest": shared["data"].digest,
+                "tokenizer_digest": encoded.tokenizer_digest,
             },
         )
         registered = register(best_spec, shared, best, workdir)
-        tracking.set_tags(parent, {"lmp.registered_version": str(registered["version"])})
+        tracking.set_tags(parent, {"lmp.registered_version": str(registered.version)})
         prefect_links.link_mlflow_run(spec.name, parent)
-        log.info("sweep: best trial %d %s; registered %s", best["index"], best["values"], registered["uri"])
+        log.info("sweep: best trial %d %s; registered %s", best["index"], best["values"], registered.uri)
     return {
         "parent_run_id": parent,
         "metric": metric,
@@ -250,13 +237,13 @@ def lm_sweep(spec: PipelineSpec | ClassifierSpec | dict, workdir: str = ".lmp", 
             for r in ranking
         ],
         "failed": failed,
-        "registered": registered,
-        "stages": {"ingest": shared["data"]["cached"], "tokenize": tokens["cached"]},
+        "registered": registered.model_dump(),
+        "stages": {"ingest": shared["data"].cached, "tokenize": encoded.cached},
     }
 
 
 @contextmanager
-def live_table(spec: PipelineSpec, since: float, console, every: float = 2.0) -> Iterator[None]:
+def live_table(spec: AnySpec, since: float, console, every: float = 2.0) -> Iterator[None]:
     """While the sweep runs, a table of its trials (status, values, last train loss, metric) refreshed
     from MLflow every ``every`` seconds."""
     from rich.live import Live

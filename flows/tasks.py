@@ -1,4 +1,4 @@
-"""Thin Prefect tasks around ``lm.stages``: small values in and out (paths, digests, ids, metrics).
+"""Thin Prefect tasks around the pipeline's task (``lm.tasks``): small values in and out (paths, digests, ids, metrics).
 
 Stage outputs are content-addressed directories under the work directory, so an unchanged stage
 reuses what is already on disk. Prefect's own result caching is off: results are small dicts
@@ -18,15 +18,17 @@ from prefect.runtime import task_run
 
 from flows import resume as resume_mod
 from flows import torchrun, tracking
-from flows.config import PipelineSpec
+from flows.config import AnySpec
 from flows.ops import machine, slots
 from flows.registry import promotion
 from flows.registry import register as registry
 from flows.registry import reports as reporting
-from lm import stages
+from flows.registry.register import Registered
+from lm import package as packaging
+from lm import tasks as lm_tasks
 from lm.checkpoint import STEP_PREFIX, latest_checkpoint
-from lm.config import DataConfig, TokenizerConfig
 from lm.errors import DataError
+from lm.results import Encoded, Evaluation, Init, Prepared, Trained
 from lm.runtime import resolve_runtime
 from lm.training import TrainingError, TrainingInterrupted
 
@@ -49,42 +51,60 @@ RESULTS = {"persist_result": False, "result_serializer": "json"}
 OPTS = {"cache_policy": NONE, "retry_condition_fn": transient, **RESULTS}
 
 
-def _report(stage: str, result: dict) -> None:
+def task_of(spec):
+    """The spec's task (``lm.tasks``): the one object every stage below asks what to do."""
+    return lm_tasks.of(spec)
+
+
+def _report(stage: str, result: Prepared | Encoded) -> None:
     """One line per stage saying whether it was cached, plus any warnings about the input."""
     log = get_run_logger()
-    digest = result.get("digest") or result.get("key")
-    state = "cached" if result.get("cached") else "built"
-    sizes = result.get("tokens") or {"documents": result.get("documents"), "chars": result.get("chars")}
-    log.info("%s: %s, digest %s… %s", stage, state, digest[:12], sizes)
-    for skipped in result.get("skipped") or []:
+    state = "cached" if result.cached else "built"
+    digest = result.digest if isinstance(result, Prepared) else result.key
+    log.info("%s: %s, digest %s… %s", stage, state, digest[:12], result.sizes())
+    for skipped in getattr(result, "skipped", ()):
         log.warning("%s: %s", stage, skipped)
-    if result.get("replaced_chars"):
-        log.warning("%s: replaced %d undecodable byte sequences with U+FFFD", stage, result["replaced_chars"])
+    if getattr(result, "replaced_chars", 0):
+        log.warning("%s: replaced %d undecodable byte sequences with U+FFFD", stage, result.replaced_chars)
+
+
+@task(name="init-model", **OPTS)
+def init_model(spec: AnySpec, workdir: str) -> Init:
+    """Resolve and download the registered model the pipeline starts from (reused when already here)."""
+    task = task_of(spec)
+    init = registry.init_model(task.init_from(), Path(workdir) / "init")
+    task.check_init(init.requested, packaging.read_config(init.package))
+    get_run_logger().info("init: %s is version %s (run %s)", init.requested, init.version, init.run_id)
+    return init
 
 
 @task(name="ingest", **OPTS)
-def ingest(data: DataConfig, workdir: str, base_dir: str, context_length: int) -> dict:
-    corpus = stages.ingest(data, Path(workdir) / "data", base_dir=Path(base_dir), context_length=context_length)
-    _report("ingest", corpus)
-    return corpus
+def ingest(spec: AnySpec, workdir: str, base_dir: str) -> Prepared:
+    task = task_of(spec)
+    prepared = task.prepare(Path(workdir) / task.data_root, base_dir=Path(base_dir))
+    _report("ingest", prepared)
+    return prepared
 
 
 @task(name="tokenize", **OPTS)
-def tokenize(corpus: dict, tokenizer: TokenizerConfig, workdir: str, context_length: int) -> dict:
-    tokens = stages.tokenize(corpus, tokenizer, Path(workdir) / "tokens", context_length=context_length)
-    _report("tokenize", tokens)
-    return tokens
+def tokenize(spec: AnySpec, prepared: Prepared, init: Init | None, workdir: str) -> Encoded:
+    task = task_of(spec)
+    encoded = task.encode(prepared, init, Path(workdir) / task.tokens_root)
+    _report("tokenize", encoded)
+    return encoded
 
 
 @task(name="train", **OPTS)
-def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_from: str | None = None) -> dict:
+def train(spec: AnySpec, encoded: Encoded, init: Init | None, run_id: str, workdir: str,
+          resume_from: str | None = None) -> Trained:  # fmt: skip
     """Train, or continue from the newest valid checkpoint of this run: after an interrupted ``lmp run``
     (``resume_from``) or when Prefect retries this task after a failure. When this run's training already
     finished (a failure came later), return its recorded result without training again."""
     log = get_run_logger()
     out = Path(workdir) / "runs" / run_id
-    if (trained := resume_mod.read_trained(out)) is not None:
-        return _finished(trained, tokens, spec, run_id, log)
+    inputs = resume_mod.training_inputs(encoded, init)
+    if (record := resume_mod.read_trained(out)) is not None:
+        return _finished(record, inputs, spec, run_id, log)
     resume, rejected = latest_checkpoint(out) if out.exists() else (None, [])
     for reason in rejected:
         log.warning("not resuming from a damaged checkpoint: %s", reason)
@@ -98,69 +118,66 @@ def train(tokens: dict, spec: PipelineSpec, run_id: str, workdir: str, resume_fr
         if waited > 0.5:
             log.info("train: got a training slot after %.1f s", waited)
         tracking.log_metrics(run_id, {"train_slot_wait_seconds": waited}, step=0)
-        return _fit(tokens, spec, run_id, out, resume, replaying, log)
+        trained = _fit(spec, encoded, init, run_id, out, resume, replaying, log)
+    # Recorded before anything else can fail: from now on a rerun evaluates final/ instead of training again.
+    resume_mod.record_trained(out, resume_mod.spec_settings(spec), inputs, trained)
+    tracking.log_metrics(run_id, _summary(trained), step=trained.steps)
+    if trained.stopped_early:
+        log.info("train: stopped early at step %d; kept the weights of step %d", trained.steps, trained.best_step)
+        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(trained.steps)})
+    return trained
 
 
-def _fit(tokens: dict, spec: PipelineSpec, run_id: str, out: Path, resume, replaying: bool, log) -> dict:
+def _fit(spec: AnySpec, encoded: Encoded, init: Init | None, run_id: str, out: Path, resume, replaying: bool,
+         log) -> Trained:  # fmt: skip
+    """The task's ``fit`` in this process, or on ``train.distributed``'s torchrun ranks."""
     log_card = None if resume else (lambda card: tracking.log_params(run_id, card))  # params are write-once
     runtime = resolve_runtime(spec.train)
     peak = machine.peak_flops(runtime.device, runtime.amp_dtype)
     tracking.set_tags(run_id, {"lmp.peak_gflops": f"{peak / 1e9:.1f}"})
     if spec.train.distributed is not None and spec.train.distributed.world_size > 1:
-        job = {
-            "spec": spec.model_dump(mode="json"),
-            "tokens": tokens,
-            "run_id": run_id,
-            "out": str(out),
-            "resume_from": str(resume) if resume else None,
-            "replaying": replaying,
-            "peak_flops": peak,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
+        job = torchrun.Job(
+            spec=spec.model_dump(mode="json"), encoded=encoded.model_dump(mode="json"),
+            init=init.model_dump(mode="json") if init else None, run_id=run_id, out=str(out),
+            resume_from=str(resume) if resume else None, replaying=replaying, peak_flops=peak,
+            tracking_uri=mlflow.get_tracking_uri(),
+        )  # fmt: skip
         with resume_mod.STOP.handling():
-            result = torchrun.run(spec, job, out, should_stop=resume_mod.STOP.requested, log=log)
-    else:
-        with tracking.MetricSink(run_id, resuming=replaying, buffer_dir=out) as sink, resume_mod.STOP.handling():
-            result = torchrun.fit_stage(
-                spec,
-                tokens,
-                out,
-                on_metrics=sink,
-                on_start=log_card,
-                resume_from=resume,
-                before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
-                should_stop=lambda: resume_mod.STOP.requested() or sink.should_stop(),  # or tracking stayed away
-                peak_flops=peak,
-            )
-    # Recorded before anything else can fail: from now on a rerun evaluates final/ instead of training again.
-    resume_mod.record_trained(out, resume_mod.spec_settings(spec), resume_mod.training_inputs(tokens), result)
-    tracking.log_metrics(run_id, _summary(result), step=result["steps"])
-    if result["stopped_early"]:
-        log.info("train: stopped early at step %d; kept the weights of step %d", result["steps"], result["best_step"])
-        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(result["steps"])})
-    return result
+            return torchrun.run(spec, job, out, should_stop=resume_mod.STOP.requested, log=log)
+    with tracking.MetricSink(run_id, resuming=replaying, buffer_dir=out) as sink, resume_mod.STOP.handling():
+        return task_of(spec).fit(
+            encoded,
+            init,
+            out,
+            on_metrics=sink,
+            on_start=log_card,
+            resume_from=resume,
+            before_checkpoint=lambda step: sink.flush(),  # metrics up to a checkpoint are durable before it
+            should_stop=lambda: resume_mod.STOP.requested() or sink.should_stop(),  # or tracking stayed away
+            peak_flops=peak,
+        )
 
 
-def _summary(result: dict) -> dict[str, float]:
+def _summary(trained: Trained) -> dict[str, float]:
     """The training run's summary metrics, logged at its last step."""
-    summary = {"wall_seconds": result["wall_seconds"], "tokens_per_second": result["tokens_per_second"]}
-    if result["best_step"] is not None:
-        summary["best_step"] = result["best_step"]
+    summary = {"wall_seconds": trained.wall_seconds, "tokens_per_second": trained.tokens_per_second}
+    if trained.best_step is not None:
+        summary["best_step"] = trained.best_step
     return summary
 
 
-def _finished(trained: dict, tokens: dict, spec: PipelineSpec, run_id: str, log) -> dict:
+def _finished(record: dict, inputs: dict, spec: AnySpec, run_id: str, log) -> Trained:
     """This run's training finished before (a failure or stop came after it): check it was made with these
     settings and inputs, log whatever of its summary did not reach MLflow, and return its result."""
-    changed = resume_mod.trained_changes(trained, resume_mod.spec_settings(spec), resume_mod.training_inputs(tokens))
+    changed = resume_mod.trained_changes(record, resume_mod.spec_settings(spec), inputs)
     if changed:
         raise resume_mod.refuse_changed(run_id, changed)
-    result = trained["result"]
-    log.info("train: training finished at step %d before; evaluating %s", result["steps"], result["checkpoint"])
-    log_new(run_id, _summary(result), result["steps"])
-    if result["stopped_early"]:
-        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(result["steps"])})
-    return result
+    trained = Trained.model_validate(record["result"])
+    log.info("train: training finished at step %d before; evaluating %s", trained.steps, trained.checkpoint)
+    log_new(run_id, _summary(trained), trained.steps)
+    if trained.stopped_early:
+        tracking.set_tags(run_id, {"lmp.stopped_early_at": str(trained.steps)})
+    return trained
 
 
 def log_new(run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -179,52 +196,43 @@ def log_new(run_id: str, metrics: dict[str, float], step: int) -> None:
 
 
 @task(name="evaluate", **OPTS)
-def evaluate(tokens: dict, trained: dict, spec: PipelineSpec, run_id: str) -> dict:
-    result = stages.evaluate(tokens, trained["checkpoint"], spec.model, spec.train, spec.eval)
-    log_new(run_id, result["metrics"], trained["steps"])  # a rerun after a later failure: no duplicate rows
-    tracking.log_evaluation(run_id, result | {"metrics": {}}, step=trained["steps"])
-    return result
+def evaluate(spec: AnySpec, encoded: Encoded, trained: Trained, init: Init | None, run_id: str) -> Evaluation:
+    evaluation = task_of(spec).evaluate(encoded, trained, init)
+    log_new(run_id, evaluation.metrics, trained.steps)  # a rerun after a later failure: no duplicate rows
+    reporting.log_evaluation(run_id, evaluation)
+    return evaluation
 
 
 @task(name="register", **OPTS)
-def register(
-    corpus: dict, tokens: dict, trained: dict, evaluated: dict, spec: PipelineSpec, run_id: str, workdir: str
-) -> dict:
-    """Register the model (@challenger) and run the promotion gate against @champion on this run's data."""
-    files = stages.export_model(
-        trained["checkpoint"], tokens, spec.model, spec.eval, Path(workdir) / "runs" / run_id / "export"
-    )
-    metrics = {k: f"{v:.6g}" for k, v in evaluated["metrics"].items()}
-    return register_model(
-        spec, run_id, files, tokens, metrics, spec.eval.prompt, Path(corpus["path"]), workdir,
-        objective=trained["objective"], width=trained["feature_dim"],
-    )  # fmt: skip
-
-
-def register_model(spec, run_id: str, files: dict, tokens: dict, tags: dict, example: str, data_path: Path,
-                   workdir: str, **package) -> dict:  # fmt: skip
-    """Log and register a run's package (``package``: how it is served — objective, width, labels) with the
-    provenance tags every version carries, run the gate with the champion re-evaluated on ``data_path`` when
-    the data differ, and log the verdict."""
+def register(spec: AnySpec, prepared: Prepared, encoded: Encoded, trained: Trained, evaluation: Evaluation,
+             init: Init | None, run_id: str, workdir: str) -> Registered:  # fmt: skip
+    """Register the model (@challenger) and run the promotion gate against @champion on this run's data
+    (the champion re-evaluated on it when the data differ), and log the verdict."""
+    task = task_of(spec)
+    package = task.export(encoded, trained, init, Path(workdir) / "runs" / run_id / "export")
     tags = {
-        "data_digest": tokens["data_digest"],
-        "tokenizer_digest": tokens["tokenizer_digest"],
+        "data_digest": encoded.data_digest,
+        "tokenizer_digest": encoded.tokenizer_digest,
         "config_digest": spec.digest(),
         "git_commit": registry.git_commit(),
-        **tags,
+        **task.lineage_tags(init),
+        **task.version_tags(evaluation),
     }
-    evaluate_champion = registry.champion_evaluator(spec, data_path, Path(workdir) / "runs" / run_id)
-    result = registry.log_and_register(
-        run_id, spec.name, files, tags, example, promote=spec.promote, evaluate_champion=evaluate_champion, **package
-    )
-    if result["decision"]:
-        verdict = promotion.verdict(result["decision"], result["version"], created=result.get("created", True))
-        said = verdict if verdict.startswith("version") else f"version {result['version']} {verdict}"
+    evaluate_champion = registry.champion_evaluator(spec, Path(prepared.path), Path(workdir) / "runs" / run_id)
+    registered = registry.log_and_register(
+        run_id, spec.name, package, tags, task.served(evaluation, trained, encoded), promote=spec.promote,
+        evaluate_champion=evaluate_champion,
+    )  # fmt: skip
+    if registered.decision:
+        verdict = promotion.verdict(registered.decision, registered.version, created=registered.created)
+        said = verdict if verdict.startswith("version") else f"version {registered.version} {verdict}"
         get_run_logger().info("gate: %s", said)
-    return result
+    return registered
 
 
 @task(name="report", **OPTS)
-def report(tokens: dict, trained: dict, evaluated: dict, registered: dict, spec: PipelineSpec, run_id: str) -> str:
-    """Loss curve, model card and samples table in MLflow and as Prefect artifacts."""
-    return reporting.publish(spec, run_id, tokens, trained, evaluated, registered)
+def report(spec: AnySpec, encoded: Encoded, trained: Trained, evaluation: Evaluation, registered: Registered,
+           init: Init | None, run_id: str) -> str:  # fmt: skip
+    """Loss curve, model card and the task's tables in MLflow and as Prefect artifacts."""
+    card = task_of(spec).card(encoded, trained, evaluation, init)
+    return reporting.publish(spec, run_id, card, trained, evaluation, registered)

@@ -10,7 +10,6 @@ run — or a Prefect retry — resumes from them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from flows import tracking
 from lm.atomic import atomic_write_bytes
 from lm.errors import DataError
+from lm.results import Trained
 from lm.training import TrainingError, TrainingInterrupted
 
 
@@ -29,18 +31,20 @@ class RankFailed(RuntimeError):
     """A rank of a distributed train task failed (a transient error: a retry resumes)."""
 
 
-def fit_stage(spec, tokens: dict, out: Path, **hooks) -> dict:
-    """The stage's ``fit`` for this spec — a language model, or a classifier (``tokens`` are then the encoded
-    examples, with the backbone to build and the initialising weights) — in this process."""
-    from lm import stages
+class Job(BaseModel):
+    """What every rank reads (``job.json``): the spec, the task's encoded data and initialising model (JSON),
+    the run directory, the MLflow run and the checkpoint to resume from."""
 
-    if spec.task == "classification":
-        from lm.classification import stages as classification
-
-        backbone = classification.backbone_config(tokens)
-        init = Path(tokens["init_weights"]) if tokens["init_weights"] else None
-        return classification.fit(tokens, backbone, spec.head, spec.train, out, init_weights=init, **hooks)
-    return stages.fit(tokens, spec.model, spec.train, out, **hooks)
+    model_config = ConfigDict(frozen=True)
+    spec: dict
+    encoded: dict
+    init: dict | None
+    run_id: str
+    out: str
+    resume_from: str | None
+    replaying: bool
+    peak_flops: float
+    tracking_uri: str
 
 
 def command(cfg, job: Path, run_id: str) -> list[str]:
@@ -104,13 +108,13 @@ def root_cause(log: str) -> str:
     return f"rank {entry['rank']} failed (exit code {code}): {why}"
 
 
-def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
+def run(spec, job: Job, out: Path, *, should_stop, log) -> Trained:
     """Run the ranks to completion; rank 0's ``result.json``. Raises RankFailed, TrainingError or DataError."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
     job_path = out / "job.json"
-    atomic_write_bytes(job_path, json.dumps(job).encode())
-    args = command(spec.train.distributed, job_path, job["run_id"])
+    atomic_write_bytes(job_path, job.model_dump_json().encode())
+    args = command(spec.train.distributed, job_path, job.run_id)
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
@@ -128,14 +132,14 @@ def run(spec, job: dict, out: Path, *, should_stop, log) -> dict:
                         os.killpg(proc.pid, signal.SIGTERM)
                         proc.wait()
                     elif time.monotonic() - last_poll > 2.0:  # the progress bar follows rank 0's metrics
-                        shown, last_poll = tracking.relay(job["run_id"], shown), time.monotonic()
+                        shown, last_poll = tracking.relay(job.run_id, shown), time.monotonic()
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     text = (out / "torchrun.log").read_text(encoding="utf-8", errors="replace")
     if proc.returncode == 0 and (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
+        return Trained.model_validate_json((out / "result.json").read_text())
     if should_stop():
         from lm.checkpoint import latest_checkpoint
 

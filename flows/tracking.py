@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import getpass
-import json
 import logging
 import os
 import sqlite3
@@ -25,6 +24,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  #
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from flows.metric_sink import MetricSink, TrackingUnavailable, forget_outages, listening, relay  # noqa: E402, F401
+from lm.report import DatasetRecord  # noqa: E402
 from lm.training import TrainingInterrupted  # noqa: E402
 
 STORE_DIR = "mlruns"
@@ -424,11 +424,13 @@ def _finish(monitor: SystemMetricsMonitor) -> None:
 
 
 def log_params(run_id: str, params: Mapping[str, object]) -> None:
-    MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    if params:
+        MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if tags:
+        MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -436,29 +438,21 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
     MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_dataset(run_id: str, corpus: Mapping, source: str) -> None:
-    """The run's dataset input: one row per document (title, genre), the corpus digest and its source."""
+def log_dataset(run_id: str, record: DatasetRecord) -> None:
+    """The run's dataset input (the task's rows: documents, or examples per split and class), its digest and
+    source, and its counts as metrics."""
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
-    manifest = json.loads((Path(corpus["path"]) / "manifest.json").read_text())
-    frame = pd.DataFrame({"title": manifest["titles"], "genre": manifest["genres"]})
-    with warnings.catch_warnings():  # a local path resolves to the same source type two ways
+    with warnings.catch_warnings():  # a local path resolves to the same source type two ways; int columns
         warnings.simplefilter("ignore", UserWarning)
-        dataset = from_pandas(frame, source=str(corpus["path"]), name=source[:200], digest=corpus["digest"][:32])
+        dataset = from_pandas(
+            pd.DataFrame(record.rows), source=record.path, name=record.source[:200], digest=record.digest[:32]
+        )
     tags = [InputTag("mlflow.data.context", "training")]
     inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=tags)]
     try:
         MlflowClient().log_inputs(run_id, datasets=inputs)
     except MlflowException:  # two runs registering the same dataset at once: the loser finds it the second time
         MlflowClient().log_inputs(run_id, datasets=inputs)
-    counts = {f"data_chars_{split}": n for split, n in corpus["chars"].items()}
-    log_metrics(run_id, counts | {"data_documents": corpus["documents"]})
-
-
-def log_evaluation(run_id: str, result: Mapping, step: int) -> None:
-    """Final metrics at the last training step, the generated sample, and the evaluation protocol."""
-    log_metrics(run_id, result["metrics"], step=step)
-    client = MlflowClient()
-    client.log_text(run_id, result["sample"], "samples/sample.txt")
-    client.set_tag(run_id, "eval.protocol", result["protocol"])
+    log_metrics(run_id, record.counts)

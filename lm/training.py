@@ -29,10 +29,13 @@ from lm.checkpoint import (
     load_tensors,
     prune_checkpoints,
     save_checkpoint,
+    verify_checkpoint,
 )
 from lm.config import BatchSettings, TrainConfig
 from lm.distributed import DistContext
-from lm.runtime import Runtime, TrainingError, resolve_device, resolve_precision, resolve_runtime  # noqa: F401 — re-exported
+from lm.errors import DataError
+from lm.results import Trained
+from lm.runtime import Runtime, TrainingError, resolve_runtime
 
 MetricSink = Callable[[int, Mapping[str, float]], None]
 
@@ -436,3 +439,64 @@ def _weights_of(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(current)
     return saved
+
+
+def model_card(model: nn.Module) -> dict:
+    """Sizes every run reports: parameters (tied output counted once) and training FLOPs per token,
+    plus the training objective and the width of ``encode()`` features."""
+    with torch.no_grad():
+        feature_dim = model.encode(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+    return {
+        "objective": model.objective,
+        "feature_dim": int(feature_dim),
+        "num_parameters": model.num_parameters(),
+        "num_parameters_non_embedding": model.num_parameters(non_embedding=True),
+        "flops_per_token": model.flops_per_token(),
+    }
+
+
+def fit(
+    build: Callable[[], nn.Module],
+    data: Callable[[nn.Module], tuple[TaskData, TaskData]],
+    cfg: TrainConfig,
+    out_dir: Path,
+    state: dict,
+    *,
+    card: Callable[[nn.Module], dict] = lambda model: {},
+    on_start: Callable[[dict], None] | None = None,
+    resume_from: Path | None = None,
+    **hooks,
+) -> Trained:
+    """Every task's fit: build the model (seeded with ``cfg.seed``), show its card (``model_card`` plus the
+    task's ``card``) to ``on_start``, read its training and validation data (``data`` checks they fit it), train
+    (or resume from a step checkpoint) and write ``out_dir/final``. ``state`` is saved in every checkpoint and a
+    resume from one whose state differs (another model, tokenizer, corpus, labels …) is refused, naming the
+    keys. ``hooks``: ``train``'s keyword arguments (``on_metrics``, ``should_stop``, ``peak_flops``, ``dist`` …)."""
+    torch.manual_seed(cfg.seed)
+    model = build()
+    sizes = model_card(model) | card(model)
+    if on_start is not None:
+        on_start(sizes)
+    train_data, val_data = data(model)
+    if resume_from is not None:
+        saved = verify_checkpoint(resume_from)
+        differing = sorted(k for k, v in state.items() if saved.get(k) != v)
+        if differing:
+            raise DataError(
+                f"cannot resume from {resume_from}: its {', '.join(differing)} differ from this run's; "
+                "pass --fresh to start over"
+            )
+    result = train(
+        model, train_data, val_data, cfg, checkpoint_dir=Path(out_dir), checkpoint_state=state,
+        resume_from=resume_from, **hooks,
+    )  # fmt: skip
+    return Trained(
+        checkpoint=str(result.checkpoint),
+        steps=result.steps,
+        train_loss=result.train_loss,
+        wall_seconds=result.wall_seconds,
+        tokens_per_second=result.tokens_per_second,
+        best_step=result.best_step,
+        stopped_early=result.stopped_early,
+        card=sizes,
+    )

@@ -298,7 +298,7 @@ def plan(
     overrides: OverrideOption = None,
 ) -> None:
     """Say, without running anything, which stages the next run reuses from cache and why the others run."""
-    from lm.plan import plan as make_plan
+    from lm import tasks
 
     spec = pipeline_spec(config, pipeline, overrides)
     from flows import tracking
@@ -309,15 +309,7 @@ def plan(
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "status", "reason"):
         table.add_column(column)
-    if spec.task == "classification":
-        from lm.plan import plan_classification
-
-        steps = plan_classification(
-            spec.name, spec.data, init_from=spec.init_from, workdir=WORK_DIR, base_dir=Path.cwd(), resume=resume
-        )
-    else:
-        steps = make_plan(spec.name, spec.data, spec.tokenizer, workdir=WORK_DIR, base_dir=Path.cwd(), resume=resume)
-    for step in steps:
+    for step in tasks.of(spec).plan(WORK_DIR, Path.cwd(), resume):
         color = {"cached": "green", "refused": "red"}.get(step.status, "yellow")
         status = f"[{color}]{step.status}[/{color}]"
         table.add_row(step.stage, status, step.reason)
@@ -334,14 +326,7 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
     table.add_column("description")
     for name, spec in pipelines.pipelines.items():
         marker = " (default)" if name == pipelines.default else ""
-        m = spec.model
-        if m is None:  # a classifier initialised from a registered model
-            shape = f"classifier on {spec.init_from}"
-        else:
-            width = getattr(m, "hidden_dim", m.embed_dim)
-            shape = f"{m.kind} {m.num_layers}×{width}, ctx {m.context_length}"
-            shape = f"classifier on {shape}" if spec.task == "classification" else shape
-        table.add_row(name + marker, shape, spec.description)
+        table.add_row(name + marker, spec.model_summary(), spec.description)
     console.print(table)
 
 

@@ -433,10 +433,12 @@ def promote(
     spec = found if isinstance(found, PipelineSpec | ClassifierSpec) else None
     gate = spec.promote if spec else found
     evaluate = None
-    digest = target.tags.get("data_digest", "")[:16]
-    data = WORK_DIR / ("labelled" if target.tags.get("task") == "classification" else "data") / digest
-    if spec is not None and ((data / "val.txt").is_file() or (data / "val.jsonl").is_file()):
-        evaluate = registry.champion_evaluator(spec, data, WORK_DIR / "promote")
+    if spec is not None:  # the champion re-scored on the challenger's data, when it is still in the work directory
+        from lm import tasks
+
+        data = WORK_DIR / tasks.get(spec.task).data_root / target.tags.get("data_digest", "")[:16]
+        if (data / "manifest.json").is_file():
+            evaluate = registry.champion_evaluator(spec, data, WORK_DIR / "promote")
     try:
         decision = promotion.run_gate(client, model, target, gate, evaluate, force=force, reason=reason)
     except promotion.PromotionConflict as e:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,21 +341,23 @@ def _add_run(plan: GcPlan, run_dir: Path, buffer_name: str, reason: str) -> None
 
 @dataclass
 class Refs:
-    """The stage caches to keep, by the names they live under."""
+    """The stage caches to keep, by the folder of the work directory they live under (a task's ``data_root``
+    and ``tokens_root``): prepared data by digest, index entries and encoded data by key, encoded data by the
+    data it encodes where a task cannot tell its key before a run (a tokenizer that comes from the init model),
+    and (data digest, tokenizer digest) pairs of resumable and live runs."""
 
-    data: set[str] = field(default_factory=set)  # corpus digests
-    data_index: set[str] = field(default_factory=set)  # ingest keys
-    tokens: set[str] = field(default_factory=set)  # tokenize keys
-    token_digests: set[tuple[str, str]] = field(default_factory=set)  # (data digest, tokenizer digest)
-    labelled: set[str] = field(default_factory=set)
-    labelled_index: set[str] = field(default_factory=set)
-    labelled_tokens: set[str] = field(default_factory=set)  # keys
-    init: set[str] = field(default_factory=set)  # registered-model names classifiers initialise from
+    prepared: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    index: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    encoded: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    encoded_data: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    init: set[str] = field(default_factory=set)  # registered-model names pipelines initialise from
 
 
 def _key(inputs: dict) -> str:
-    """A stage's cache key: sha256 of its inputs as sorted JSON (lm.data / lm.shards / classification)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    from lm.cache import inputs_key
+
+    return inputs_key(inputs)
 
 
 def _indexed(root: Path, key: str) -> str | None:
@@ -379,8 +381,7 @@ def _variants(spec) -> list:
 def _current_refs(config: Path, work: Path, base_dir: Path, plan: GcPlan) -> Refs | None:
     """What the pipelines in ``config`` would reuse now (None: the config cannot be read, so caches stay)."""
     from flows.config import INIT_URI, ConfigError, load_pipelines
-    from lm import data, shards
-    from lm.classification import data as labelled
+    from lm import tasks
     from lm.plan import last_success
 
     try:
@@ -392,40 +393,32 @@ def _current_refs(config: Path, work: Path, base_dir: Path, plan: GcPlan) -> Ref
     refs = Refs()
     for name, spec in pipelines.pipelines.items():
         for variant in _variants(spec):
+            task = tasks.of(variant)
+            if match := INIT_URI.match(task.init_from() or ""):
+                refs.init.add(match["name"])
             try:
-                if variant.task == "classification":
-                    ingest = labelled.dataset_inputs(variant.data, base_dir)
-                    refs.labelled_index.add(labelled.inputs_key(ingest))
-                    if digest := _indexed(work / "labelled", labelled.inputs_key(ingest)):
-                        refs.labelled.add(digest)
-                    if match := INIT_URI.match(variant.init_from or ""):
-                        refs.init.add(match["name"])
-                else:
-                    ingest = data.ingest_inputs(variant.data, base_dir)
-                    refs.data_index.add(data.inputs_key(ingest))
-                    if digest := _indexed(work / "data", data.inputs_key(ingest)):
-                        refs.data.add(digest)
-                        refs.tokens.add(shards.inputs_key(shards.tokenize_inputs(digest, variant.tokenizer)))
+                key = task.ingest_key(base_dir)
+                refs.index[task.data_root].add(key)
+                if digest := _indexed(work / task.data_root, key):
+                    refs.prepared[task.data_root].add(digest)
+                    if tokens := task.tokens_key(digest):
+                        refs.encoded[task.tokens_root].add(tokens)
+                    else:
+                        refs.encoded_data[task.tokens_root].add(digest)
             except (OSError, ValueError) as e:  # its data cannot be read now: keep what its last success used
                 if record := last_success(work, name):
-                    _last_refs(refs, record, classification=variant.task == "classification", work=work)
+                    _last_refs(refs, record, task, work)
                     plan.note(f"kept the caches of {name}'s last successful run: its data cannot be read now ({e})")
     return refs
 
 
-def _last_refs(refs: Refs, record: dict, *, classification: bool, work: Path) -> None:
+def _last_refs(refs: Refs, record: dict, task, work: Path) -> None:
     """The caches ``lm.plan.record_success`` recorded for a pipeline's last successful run."""
-    ingest, tokenize = _key(record.get("ingest") or {}), record.get("tokenize") or {}
-    if classification:
-        refs.labelled_index.add(ingest)
-        if digest := _indexed(work / "labelled", ingest):
-            refs.labelled.add(digest)
-        refs.labelled_tokens.add(_key(tokenize))
-    else:
-        refs.data_index.add(ingest)
-        if digest := _indexed(work / "data", ingest):
-            refs.data.add(digest)
-        refs.tokens.add(_key(tokenize))
+    ingest = _key(record.get("ingest") or {})
+    refs.index[task.data_root].add(ingest)
+    if digest := _indexed(work / task.data_root, ingest):
+        refs.prepared[task.data_root].add(digest)
+    refs.encoded[task.tokens_root].add(_key(record.get("tokenize") or {}))
 
 
 def _manifest(path: Path) -> dict:
@@ -437,33 +430,27 @@ def _manifest(path: Path) -> dict:
 
 def _plan_caches(plan: GcPlan, work: Path, refs: Refs, protected: list[RunState]) -> None:
     """Stage caches no current config and no resumable or live run uses, and index entries left pointing
-    at nothing."""
+    at nothing — under every task's folders."""
+    from lm import tasks
+
+    roots = {(tasks.get(name).data_root, tasks.get(name).tokens_root) for name in tasks.TASKS}
     for state in protected:  # what the kept runs were made from (tags set once tokenize is done)
         if digest := state.tags.get("data_digest"):
-            refs.data.add(digest)
-            refs.labelled.add(digest)
-            refs.token_digests.add((digest, state.tags.get("tokenizer_digest", "")))
-    short = {d[:16] for d in refs.data}
-    _plan_stage(plan, work / "data", lambda p: p.name in short, "corpus")
-    _plan_index(plan, work / "data", refs.data_index)
-    _plan_stage(
-        plan,
-        work / "tokens",
-        lambda p: (
-            p.name in {k[:16] for k in refs.tokens}
-            or (_manifest(p).get("data_digest"), _manifest(p).get("tokenizer_digest")) in refs.token_digests
-        ),
-        "token files",
-    )
-    short = {d[:16] for d in refs.labelled}
-    _plan_stage(plan, work / "labelled", lambda p: p.name in short, "labelled examples")
-    _plan_index(plan, work / "labelled", refs.labelled_index)
-    _plan_stage(
-        plan,
-        work / "labelled-tokens",
-        lambda p: p.name in {k[:16] for k in refs.labelled_tokens} or _manifest(p).get("data_digest") in refs.labelled,
-        "encoded examples",
-    )
+            for data_root, _ in roots:
+                refs.prepared[data_root].add(digest)
+            refs.pairs.add((digest, state.tags.get("tokenizer_digest", "")))
+    for data_root, tokens_root in sorted(roots):
+        short = {d[:16] for d in refs.prepared[data_root]}
+        _plan_stage(plan, work / data_root, lambda p, short=short: p.name in short, "prepared data")
+        _plan_index(plan, work / data_root, refs.index[data_root])
+        keys, by_data = {k[:16] for k in refs.encoded[tokens_root]}, refs.encoded_data[tokens_root]
+
+        def used(p: Path, keys=keys, by_data=by_data) -> bool:
+            manifest = _manifest(p)
+            data = manifest.get("data_digest")
+            return p.name in keys or data in by_data or (data, manifest.get("tokenizer_digest")) in refs.pairs
+
+        _plan_stage(plan, work / tokens_root, used, "tokenized data")
     init = work / "init"
     for path in sorted(init.iterdir()) if init.is_dir() else []:
         match = INIT_DIR.match(path.name)

@@ -8,15 +8,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
+from pydantic import BaseModel, ConfigDict
 
 import lm
-from flows.config import PromoteConfig
+from flows.config import INIT_URI, PromoteConfig
 from flows.registry import promotion
+from lm import package as packaging
+from lm.atomic import atomic_dir
 from lm.checkpoint import sha256_file
-from lm.generation import GENERATION_DEFAULTS
+from lm.errors import DataError
+from lm.results import Init, Package, Served
 
 SERVING_FILE = Path(__file__).with_name("serving.py")
 LM_DIR = Path(lm.__file__).parent
@@ -46,24 +51,10 @@ def requirements() -> list[str]:
     ]
 
 
-def log_model(
-    run_id: str,
-    files: Mapping[str, str],
-    example_prompt: str,
-    *,
-    objective: str,
-    width: int = 1,
-    labels: list[str] | None = None,
-):
-    """Log the pickle-free pyfunc into ``run_id``. A causal model is packaged text → text (generation
-    params in the signature); an encoder text → feature vector of ``width`` floats; a classifier
-    text → {"label", "probabilities": {label: p}}."""
-    params = dict(GENERATION_DEFAULTS)
-    example_output = [example_prompt + "..."] if objective == "causal" else [[0.0] * width]
-    if objective == "classification":
-        params = None
-        example_output = [{"label": labels[0], "probabilities": {name: 1.0 / len(labels) for name in labels}}]
-    signature = infer_signature([example_prompt], example_output, params=params)
+def log_model(run_id: str, package: Package, served: Served):
+    """Log the pickle-free pyfunc into ``run_id``, with the signature of what the task serves: text → text
+    (generation params in the signature), text → a feature vector, text → {"label", "probabilities"} …"""
+    signature = infer_signature([served.example_input], served.example_output, params=served.params)
     # Inputs typed "any": for a string column MLflow's request parsing turns 123 into "123" and null into
     # "None"; typed "any", the values reach the model as sent, and it answers anything but strings with a 400.
     signature.inputs = Schema([ColSpec(AnyType())])
@@ -74,6 +65,7 @@ def log_model(
     model = mlflow.initialize_logged_model(
         name="model", source_run_id=run_id, params=run.data.params, experiment_id=run.info.experiment_id
     )
+    example = [served.example_input]
     return Model.log(
         artifact_path=None,
         name="model",
@@ -81,27 +73,37 @@ def log_model(
         run_id=run_id,
         model_id=model.model_id,
         python_model=str(SERVING_FILE),
-        artifacts=dict(files),
+        artifacts=package.artifacts(),
         code_paths=[str(LM_DIR)],
         signature=signature,
-        input_example=([example_prompt], params | {"max_new_tokens": 8}) if params else [example_prompt],
+        input_example=(example, served.params | {"max_new_tokens": 8}) if served.params else example,
         pip_requirements=requirements(),
     )
+
+
+class Registered(BaseModel):
+    """A registered version and the gate's decision about it."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    version: int
+    uri: str
+    model_uri: str
+    created: bool = True
+    """False when the version already held these weights (a rerun): it keeps its card."""
+    decision: dict | None = None
 
 
 def log_and_register(
     run_id: str,
     name: str,
-    files: Mapping[str, str],
+    package: Package,
     tags: Mapping[str, str],
-    example_prompt: str,
+    served: Served,
     *,
     promote: PromoteConfig,
-    objective: str = "causal",
-    width: int = 1,
-    labels: list[str] | None = None,
     evaluate_champion: Callable | None = None,
-) -> dict:
+) -> Registered:
     """Log the model, register it (or find the version that already holds these weights), run the gate
     and move the aliases — @challenger, and @champion/@previous when it passes — as one unit, under the
     model's promotion lock. The run stays RUNNING throughout: the caller's tracked run ends it."""
@@ -111,8 +113,8 @@ def log_and_register(
         name,
         run_id,
         dict(tags),
-        sha256_file(Path(files["weights"])),
-        lambda: log_model(run_id, files, example_prompt, objective=objective, width=width, labels=labels).model_uri,
+        sha256_file(Path(package.weights)),
+        lambda: log_model(run_id, package, served).model_uri,
     )
     challenger = {"challenger": int(version.version)}
     decision = None
@@ -125,57 +127,87 @@ def log_and_register(
         with promotion.model_lock(name):
             promotion.move_aliases(client, name, challenger)
     client.set_tag(run_id, "lmp.registered_version", str(version.version))
-    return {
-        "name": name,
-        "version": int(version.version),
-        "uri": f"models:/{name}/{version.version}",
-        "model_uri": version.source,
-        "created": created,
-        "decision": asdict(decision) if decision else None,
-    }
+    return Registered(
+        name=name,
+        version=int(version.version),
+        uri=f"models:/{name}/{version.version}",
+        model_uri=version.source,
+        created=created,
+        decision=asdict(decision) if decision else None,
+    )
 
 
-PACKAGE_FILES = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
-
-
-def package_files(where: Path) -> dict[str, Path] | None:
-    """The weights, config and tokenizer of a downloaded model package under ``where`` (None if incomplete)."""
-    found = {key: next(Path(where).rglob(name), None) for key, name in PACKAGE_FILES.items()}
-    return None if None in found.values() else found
-
-
-def download_package(name: str, version: int | str, dest: Path) -> dict[str, Path]:
+def download_package(name: str, version: int | str, dest: Path) -> Package:
     """Download a registered version's package files into ``dest`` (replaced whole, atomically)."""
-    from lm.atomic import atomic_dir
-
     with atomic_dir(Path(dest)) as tmp:
         mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp))
-    files = package_files(dest)
-    if files is None:
-        raise FileNotFoundError(f"models:/{name}/{version} lacks one of {sorted(PACKAGE_FILES.values())}")
-    return files
+    found = packaging.find(dest)
+    if found is None:
+        raise FileNotFoundError(f"models:/{name}/{version} lacks one of {sorted(packaging.FILES.values())}")
+    return found
+
+
+def _registered_names(client: MlflowClient) -> list[str]:
+    return sorted(m.name for m in client.search_registered_models())
+
+
+def resolve_init(init_from: str, client: MlflowClient):
+    """The registered version ``init_from`` names; a DataError names what exists when it does not."""
+    match = INIT_URI.match(init_from)
+    name, alias, number = match["name"], match["alias"], match["version"]
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = _registered_names(client)
+        raise DataError(
+            f"init_from {init_from}: there is no registered model {name!r}; the registered models are "
+            f"{', '.join(names) if names else '(none)'}. Run its language-model pipeline first (lmp run {name}) "
+            "or fix the name"
+        ) from None
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException:
+        aliases = sorted(f"@{a}" for a in (model.aliases or {}))
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise DataError(
+            f"init_from {init_from}: model {name!r} has no {'alias @' + alias if alias else 'version ' + number}; "
+            f"it has aliases {', '.join(aliases) or '(none)'} and versions {versions}"
+        ) from None
+
+
+def init_model(init_from: str, root: Path) -> Init:
+    """The registered model ``init_from`` names, downloaded under ``root`` (reused when its weights are)."""
+    version = resolve_init(init_from, MlflowClient())
+    dest = Path(root) / f"{version.name}-v{version.version}"
+    digest = version.tags.get("weights_digest")
+    found = packaging.find(dest) if dest.exists() else None
+    if found is None or (digest and sha256_file(Path(found.weights)) != digest):
+        found = download_package(version.name, version.version, dest)
+    config = packaging.read_config(found)
+    return Init(
+        requested=init_from,
+        uri=f"models:/{version.name}/{version.version}",
+        name=version.name,
+        version=int(version.version),
+        run_id=version.run_id,
+        weights_digest=digest or sha256_file(Path(found.weights)),
+        package=found,
+        model=config["model"],
+        vocab_size=config["vocab_size"],
+    )
 
 
 def champion_evaluator(spec, data_path: Path, scratch: Path) -> Callable:
-    """``evaluate_champion(version) → metric`` for the gate: the champion's packaged files downloaded and
-    evaluated as ``spec`` evaluates on this run's validation data at ``data_path`` — the corpus of a
-    language model, the labelled examples of a classifier (NaN when the classifier's classes differ)."""
-    from lm import stages
-    from lm.classification import stages as classification
-    from lm.training import resolve_device, resolve_precision
+    """``evaluate_champion(version) → metric`` for the gate: the champion's package downloaded and scored by
+    the spec's task on this run's validation data at ``data_path`` (NaN where it cannot be compared)."""
+    from lm import tasks
+    from lm.runtime import resolve_runtime
 
-    evaluate_files = classification.evaluate_files if spec.task == "classification" else stages.evaluate_files
+    task = tasks.of(spec)
 
     def evaluate_champion(version) -> float:
-        files = download_package(version.name, version.version, Path(scratch) / f"champion-v{version.version}")
-        device = resolve_device(spec.train.device)
-        metrics = evaluate_files(
-            files,
-            data_path,
-            batch_size=spec.train.batch_size,
-            device=device,
-            autocast_dtype=resolve_precision(spec.train.precision, device),
-        )
+        package = download_package(version.name, version.version, Path(scratch) / f"champion-v{version.version}")
+        metrics = task.evaluate_package(package, data_path, resolve_runtime(spec.train))
         return metrics.get(spec.promote.metric, float("nan"))
 
     return evaluate_champion

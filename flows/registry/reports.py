@@ -1,21 +1,22 @@
-"""What a finished run leaves for people: a loss-curve plot, a model card and the samples table —
-in MLflow (run artifacts; the card is also the registered version's description) and as Prefect
-artifacts on the flow run (markdown card, samples table)."""
+"""What a finished run leaves for people, for every task alike: the evaluation's artifacts (sample text,
+confusion matrices, tables), a loss-curve plot, and the one model card — the task's rows and sections
+(``lm.report.Card``) between the rows every card has — in MLflow (run artifacts; the card is also the
+registered version's description) and as Prefect artifacts on the flow run."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
-from collections.abc import Mapping
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from flows.config import PipelineSpec
 from flows.registry.promotion import verdict
-
-HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
-            "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip
+from flows.registry.register import Registered
+from lm.metrics import METRICS
+from lm.report import Card
+from lm.results import Evaluation, Trained
 
 
 def loss_curve_png(client: MlflowClient, run_id: str) -> bytes:
@@ -35,6 +36,34 @@ def loss_curve_png(client: MlflowClient, run_id: str) -> bytes:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _png(fig)
+
+
+def confusion_png(matrix: list[list[int]], labels: tuple[str, ...], title: str) -> bytes:
+    """A confusion matrix (rows: true class, columns: predicted) with counts in the cells, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.0 * k + 2), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -42,85 +71,83 @@ def loss_curve_png(client: MlflowClient, run_id: str) -> bytes:
     return buffer.getvalue()
 
 
-def card_parts(model: Mapping, metrics: Mapping, headline: tuple, registered: Mapping) -> tuple[str, str, str]:
-    """What every model card shows: the architecture's shape, the headline metric rows, the gate's verdict."""
-    shape = ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
-    rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in headline if k in metrics and math.isfinite(metrics[k]))
-    gate = verdict(registered.get("decision"), registered["version"], created=registered.get("created", True))
-    return shape, rows, gate
+def _png_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
 
 
-def model_card(
-    spec: PipelineSpec, run_id: str, tokens: Mapping, trained: Mapping, evaluated: Mapping, registered: Mapping
-) -> str:
-    """A markdown model card: what the model is, what it was trained on, how good it is, what it writes."""
-    model = spec.model.model_dump(mode="json")
-    shape, rows, gate = card_parts(model, evaluated["metrics"], HEADLINE, registered)
-    samples = "\n\n".join(
-        f"**{s['prompt'].strip() or '(empty)'}**\n\n```\n{s['output']}\n```" for s in evaluated.get("samples", [])
+def log_evaluation(run_id: str, evaluation: Evaluation) -> None:
+    """The evaluation's artifacts on its run: the summary text and protocol, each split's confusion matrix
+    (JSON and PNG) and the task's tables. Its metrics are logged by the caller (once per step)."""
+    client = MlflowClient()
+    if evaluation.protocol:
+        client.log_text(run_id, evaluation.summary, "samples/sample.txt")
+        client.set_tag(run_id, "eval.protocol", evaluation.protocol)
+    for split, matrix in evaluation.confusion.items():
+        data = {"labels": list(evaluation.labels), "rows_true_columns_predicted": matrix}
+        client.log_text(run_id, json.dumps(data, indent=1), f"evaluation/confusion_{split}.json")
+        png = confusion_png(matrix, evaluation.labels, f"{split} confusion matrix")
+        client.log_image(run_id, _png_image(png), artifact_file=f"evaluation/confusion_{split}.png")
+    for artifact_file, rows in evaluation.tables.items():
+        client.log_table(run_id, data=pd.DataFrame(list(rows)), artifact_file=artifact_file)
+
+
+def metric_rows(metrics: dict[str, float], headline: tuple[str, ...]) -> str:
+    """The card's headline metrics with their units from the one metric table (finite values only)."""
+    return "\n".join(
+        f"| {k} | {metrics[k]:.4f} | {METRICS[k].unit if k in METRICS else ''} |"
+        for k in headline
+        if k in metrics and math.isfinite(metrics[k])
     )
-    if not samples:
-        samples = f"```\n{evaluated['sample']}\n```"
-    train_chars = tokens["chars"].get("train", 0)
-    return f"""# {spec.name} — version {registered["version"]}
+
+
+def model_card(spec, run_id: str, card: Card, trained: Trained, metrics: dict[str, float],
+               registered: Registered) -> str:  # fmt: skip
+    """The markdown model card: what the model is, what it was trained on, how good it is — the task's rows
+    and sections between the rows every card has."""
+    gate = verdict(registered.decision, registered.version, created=registered.created)
+    training = f"{trained.steps} steps, {trained.wall_seconds:.0f} s, {trained.tokens_per_second:,.0f} tokens/s"
+    rows = [("registered model", f"`{registered.uri}`"), ("MLflow run", f"`{run_id}`"), *card.rows,
+            ("training", training), ("promotion", gate)]  # fmt: skip
+    header = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    sections = "".join(f"\n## {title}\n\n{body}\n" for title, body in card.sections)
+    return f"""# {spec.name} — version {registered.version}
 
 {spec.description or ""}
 
 | | |
 |---|---|
-| registered model | `{registered["uri"]}` |
-| MLflow run | `{run_id}` |
-| architecture | {model["kind"]} ({shape}) |
-| parameters | {trained["num_parameters"]:,} ({trained["num_parameters_non_embedding"]:,} non-embedding) |
-| training FLOPs per token | {trained["flops_per_token"]:,.0f} |
-| tokenizer | {spec.tokenizer.kind}, {tokens["vocab_size"]} ids, digest `{tokens["tokenizer_digest"][:12]}` |
-| data | {spec.data.source}, digest `{tokens["data_digest"][:12]}`, {train_chars:,} training characters |
-| training | {trained["steps"]} steps, {trained["wall_seconds"]:.0f} s, {trained["tokens_per_second"]:,.0f} tokens/s |
-| promotion | {gate} |
+{header}
 
 ## Metrics
 
-Evaluation protocol: {evaluated["protocol"]}.
+{card.metrics_note}
 
-| metric | value |
-|---|---|
-{rows}
-
-## Samples
-
-{samples}
-"""
+| metric | value | unit |
+|---|---|---|
+{metric_rows(metrics, card.headline)}
+{sections}"""
 
 
-def publish(
-    spec: PipelineSpec, run_id: str, tokens: Mapping, trained: Mapping, evaluated: Mapping, registered: Mapping
-) -> str:
-    """Log the plot, card and samples to MLflow, set the card as the version's description, and create the
-    Prefect artifacts. Returns the card."""
+def publish(spec, run_id: str, card: Card, trained: Trained, evaluation: Evaluation, registered: Registered) -> str:
+    """Log the plot, the card and the card's tables to MLflow, set the card as the version's description, and
+    create the Prefect artifacts. Returns the card."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     client = MlflowClient()
-    card = model_card(spec, run_id, tokens, trained, evaluated, registered)
-    client.log_text(run_id, card, "model_card.md")
+    text = model_card(spec, run_id, card, trained, evaluation.metrics, registered)
+    client.log_text(run_id, text, "model_card.md")
     client.log_image(run_id, _png_image(loss_curve_png(client, run_id)), artifact_file="loss_curve.png")
-    samples = evaluated.get("samples") or [{"prompt": "", "output": evaluated["sample"]}]
-    client.log_table(run_id, data=pd.DataFrame(samples), artifact_file="samples.json")
-    if registered.get("created", True):  # a reused version keeps the card of the run that created it
-        client.update_model_version(spec.name, str(registered["version"]), description=card)
+    if registered.created:  # a reused version keeps the card of the run that created it
+        client.update_model_version(spec.name, str(registered.version), description=text)
     key = spec.name.replace(".", "-").replace("_", "-")
-    create_markdown_artifact(card, key=f"{key}-model-card", description=f"{spec.name} v{registered['version']}")
-    create_table_artifact(samples, key=f"{key}-samples", description="generations from the fixed prompts")
-    if registered.get("decision"):
-        decision = registered["decision"]
-        create_table_artifact(
-            [{k: ("" if v is None else v) for k, v in decision.items()}],
-            key=f"{key}-promotion",
-            description="promotion gate decision",
-        )
-    return card
-
-
-def _png_image(data: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data))
+    create_markdown_artifact(text, key=f"{key}-model-card", description=f"{spec.name} v{registered.version}")
+    for table in card.tables:
+        if table.artifact_file:
+            client.log_table(run_id, data=pd.DataFrame(table.rows), artifact_file=table.artifact_file)
+        create_table_artifact(table.rows, key=f"{key}-{table.key}", description=table.description)
+    if registered.decision:
+        row = {k: ("" if v is None else v) for k, v in registered.decision.items()}
+        create_table_artifact([row], key=f"{key}-promotion", description="promotion gate decision")
+    return text

@@ -22,7 +22,6 @@ they have), so the server shuts down at once instead of finishing or orphaning t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -161,33 +160,14 @@ class LanguageModelPackage(PythonModel):
     sampled continuation; for an encoder, each text's mean-pooled features (a list of floats); for a
     classifier, each text's ``{"label": …, "probabilities": {label: p, …}}`` (summing to 1)."""
 
-    classifier = None
-
     def load_context(self, context) -> None:
-        from pydantic import TypeAdapter
-
-        from lm.checkpoint import load_weights
-        from lm.config import ModelConfig
-        from lm.models import build_model
-        from lm.tokenizers import load_tokenizer
+        from lm import package
+        from lm.results import Package
 
         self.limits = _within_request_timeout(limits_from_env(), os.environ)
         _pass_params_through()
-        with open(context.artifacts["config"], encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("task") == "classification":
-            from lm.classification.stages import load_package
-
-            self.classifier, self.tokenizer, self.config = load_package(context.artifacts)
-            return
-        model = build_model(TypeAdapter(ModelConfig).validate_python(config["model"]), config["vocab_size"])
-        self.model = load_weights(context.artifacts["weights"], model).eval()
-        self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
-        if self.tokenizer.vocab_size != config["vocab_size"]:
-            raise ValueError(
-                f"tokenizer.json has {self.tokenizer.vocab_size} ids but the model was built for "
-                f"{config['vocab_size']}: the package mixes files from different runs"
-            )
+        loaded = package.load(Package(**context.artifacts))
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
         """``model_input``: what MLflow passes under this package's signature (a one-column DataFrame of
@@ -201,7 +181,7 @@ class LanguageModelPackage(PythonModel):
             p = GenerationParams.parse(params, self.limits)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        if self.classifier is not None:
+        if self.model.objective == "classification":
             return self._classify(prompts)
         if self.model.objective == "mlm":
             return [self._features(text) for text in prompts]
@@ -245,7 +225,7 @@ class LanguageModelPackage(PythonModel):
         from lm.classification.metrics import predict
 
         examples = encode_examples(self.tokenizer, [{"text": t, "label": 0} for t in texts], self.config["max_tokens"])
-        probs, _ = predict(self.classifier, examples)
+        probs, _ = predict(self.model, examples)
         labels = self.config["labels"]
         return [
             {"label": labels[int(row.argmax())], "probabilities": dict(zip(labels, map(float, row), strict=True))}

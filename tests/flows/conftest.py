@@ -42,7 +42,6 @@ def store_dir(prefect_harness, tmp_path_factory):
     from flows import tracking
     from flows.config import load_pipelines
     from flows.pipeline import lm_pipeline
-    from lm.config import LSTMConfig
 
     path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
     exported = os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -50,12 +49,8 @@ def store_dir(prefect_harness, tmp_path_factory):
     tracking.configure_uri(tracking.default_tracking_uri(path))
     shipped = load_pipelines(ROOT / "pipelines.yaml")
     smoke = shipped.get("smoke")
-    lstm = smoke.model_copy(
-        update={
-            "name": "smoke-lstm",
-            "model": LSTMConfig(kind="lstm", num_layers=1, embed_dim=16, hidden_dim=32, context_length=32),
-        }
-    )
+    lstm_model = {"kind": "lstm", "num_layers": 1, "embed_dim": 16, "hidden_dim": 32, "context_length": 32}
+    lstm = smoke.overridden({"name": "smoke-lstm", "model": lstm_model})
     try:
         for spec in (smoke, lstm, shipped.get("smoke-genre")):
             lm_pipeline(spec, workdir=str(path / ".lmp"))

@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from flows.config import load_pipelines
 from lm.errors import DataError
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 ROOT = Path(__file__).resolve().parents[2]
 
 runner = CliRunner()
@@ -59,10 +61,10 @@ def test_a_classifier_records_its_lineage_tokenizer_and_evaluation(store):
 def test_an_init_model_that_does_not_exist_names_the_registered_ones(store):
     from flows.pipeline import lm_pipeline
 
-    missing = _genre().model_copy(update={"init_from": "models:/no-such-lm@champion"})
+    missing = _genre().overridden({"init_from": "models:/no-such-lm@champion"})
     with pytest.raises(DataError, match=r"no registered model 'no-such-lm'; the registered models are .*smoke, "):
         lm_pipeline(missing, workdir=str(store / ".lmp"))
-    no_alias = _genre().model_copy(update={"init_from": "models:/smoke@gold"})
+    no_alias = _genre().overridden({"init_from": "models:/smoke@gold"})
     with pytest.raises(DataError, match=r"has no alias @gold; it has aliases @challenger, @champion"):
         lm_pipeline(no_alias, workdir=str(store / ".lmp"))
 
@@ -85,13 +87,9 @@ def test_a_scratch_classifier_trains_its_own_tokenizer_and_gates_on_macro_f1(sto
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import lm_pipeline
-    from lm.config import GPTConfig
 
-    scratch = _genre().model_copy(
-        update={"name": "smoke-genre-scratch", "init_from": "scratch", "model": GPTConfig(
-            num_layers=1, num_heads=2, embed_dim=16, context_length=32)},
-    )  # fmt: skip
-    scratch = type(scratch).model_validate(scratch.model_dump())  # through the validators, as from YAML
+    model = {"kind": "gpt", "num_layers": 1, "num_heads": 2, "embed_dim": 16, "context_length": 32}
+    scratch = _genre().overridden({"name": "smoke-genre-scratch", "init_from": "scratch", "model": model})
     result = lm_pipeline(scratch, workdir=str(store / ".lmp"))
     assert result["init"] is None and result["stages"]["ingest"] is True  # same examples as smoke-genre: reused
     version = MlflowClient().get_model_version("smoke-genre-scratch", str(result["registered"]["version"]))

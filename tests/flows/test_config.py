@@ -298,3 +298,20 @@ def test_a_list_override_and_scalar_types_survive():
     ).get("a")
     assert spec.scheduled().eval.prompts == ("x", "y") and spec.scheduled().train.seed == 3
     assert spec.schedule.parameters["train.seed"] == 3 and type(spec.schedule.parameters["train.seed"]) is int
+
+
+def test_overridden_validates_and_leaves_the_spec_unchanged():
+    smoke, genre = SHIPPED.get("smoke"), SHIPPED.get("smoke-genre")
+    before, genre_before = smoke.model_dump(), genre.model_dump()
+    with pytest.raises(ValidationError, match=r"train\.max_steps"):
+        smoke.overridden({"train.max_steps": 0})
+    changed = smoke.overridden({"retries": 2, "name": "smoke-x", "train.max_steps": 30, "data.max_chars": 30})
+    assert (changed.retries, changed.name, changed.train.max_steps, changed.data.max_chars) == (2, "smoke-x", 30, 30)
+    assert changed.train.batch_size == smoke.train.batch_size  # a dotted key changes that leaf only
+    head = genre.overridden({"head": {"pooling": "last", "dropout": 0.0}, "init_from": "models:/x@champion"})
+    assert (head.head.pooling, head.head.dropout, head.init_from) == ("last", 0.0, "models:/x@champion")
+    assert head.overridden({"head.pooling": "mean"}).head.dropout == 0.0  # a dotted key: that leaf only
+    assert head.overridden({"head": {"pooling": "mean"}}).head.dropout == 0.1  # a whole section: the rest defaults
+    ddp = smoke.overridden({"train.distributed.nproc_per_node": 2})  # into a section that is unset (None)
+    assert smoke.train.distributed is None and ddp.train.distributed.nproc_per_node == 2
+    assert smoke.model_dump() == before and genre.model_dump() == genre_before

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from flows.cli.commands import app
 from flows.config import load_pipelines
-from lm.config import BPETokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -53,7 +52,7 @@ def test_bpe_pipeline_reports_bits_per_char_and_serves(
 
     from flows.pipeline import lm_pipeline
 
-    spec = smoke_spec.model_copy(update={"tokenizer": BPETokenizerConfig(kind="bpe", vocab_size=300)})
+    spec = smoke_spec.overridden({"tokenizer": {"kind": "bpe", "vocab_size": 300}})
     result = lm_pipeline(spec, workdir=str(tmp_path / ".lmp"), base_dir=str(tmp_path))
     m = result["metrics"]
     # bits/char = nats/token × tokens/char ÷ ln 2; BPE tokens cover more than one character each.
@@ -132,14 +131,14 @@ def test_token_ids_beyond_the_model_vocabulary_stop_before_training(
     """Fault injection: the token manifest under-reports the vocabulary (a stale or mixed-up cache)."""
     from mlflow.tracking import MlflowClient
 
-    from flows import tasks
+    from lm import stages
 
-    real = tasks.stages.tokenize
+    real = stages.tokenize
 
     def shrunk(*args, **kwargs):
-        return real(*args, **kwargs) | {"vocab_size": 20}
+        return real(*args, **kwargs).model_copy(update={"vocab_size": 20})
 
-    monkeypatch.setattr(tasks.stages, "tokenize", shrunk)
+    monkeypatch.setattr(stages, "tokenize", shrunk)
     (tmp_path / "a.txt").write_text("Now is the winter of our discontent, made glorious summer.\n" * 60)
     (tmp_path / "pipelines.yaml").write_text(_pipelines(_files("a.txt")))
     result = runner.invoke(app, ["run"])

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from flows.config import load_pipelines
-from lm.config import DistributedConfig
+
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
 
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))
@@ -30,8 +31,7 @@ def test_two_processes_match_one_process_and_log_one_run(store):
     from flows.pipeline import lm_pipeline
 
     smoke = load_pipelines(ROOT / "pipelines.yaml").get("smoke")
-    train = smoke.train.model_copy(update={"distributed": DistributedConfig(nproc_per_node=2)})
-    ddp = smoke.model_copy(update={"name": "smoke-ddp", "train": train})
+    ddp = smoke.overridden({"name": "smoke-ddp", "train.distributed": {"nproc_per_node": 2}})
     result = lm_pipeline(ddp, workdir=str(store / ".lmp"))
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("smoke-ddp").experiment_id])
@@ -51,12 +51,10 @@ def test_a_classifier_trains_distributed_like_one_process(store):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import lm_pipeline
-    from lm.classification.config import HeadConfig
 
     genre = load_pipelines(ROOT / "pipelines.yaml").get("smoke-genre")
-    one = genre.model_copy(update={"name": "genre-one", "head": HeadConfig(pooling="mean", dropout=0.0)})
-    train = one.train.model_copy(update={"distributed": DistributedConfig(nproc_per_node=2)})
-    two = one.model_copy(update={"name": "genre-two", "train": train})
+    one = genre.overridden({"name": "genre-one", "head": {"pooling": "mean", "dropout": 0.0}})
+    two = one.overridden({"name": "genre-two", "train.distributed": {"nproc_per_node": 2}})
     results = [lm_pipeline(spec, workdir=str(store / ".lmp")) for spec in (one, two)]
     client = MlflowClient()
     history = [{m.step: m.value for m in client.get_metric_history(r["run_id"], "train_loss")} for r in results]

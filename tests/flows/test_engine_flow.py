@@ -9,14 +9,16 @@ import torch
 
 from flows.config import load_pipelines
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(**train):
     spec = load_pipelines(ROOT / "pipelines.yaml").get("smoke")
     base = {"max_steps": 30, "checkpoint_interval": 10, "log_interval": 5, "eval_interval": 30}
-    return spec.model_copy(
-        update={"retries": 1, "retry_delay_seconds": 0.0, "train": spec.train.model_copy(update=base | train)}
+    return spec.overridden(
+        {"retries": 1, "retry_delay_seconds": 0.0} | {f"train.{key}": value for key, value in (base | train).items()}
     )
 
 
@@ -92,20 +94,20 @@ def test_nan_injection_fails_the_run_with_the_reason_and_keeps_the_last_good_che
 
 
 def test_bad_input_is_not_retried(prefect_harness, mlflow_store, tmp_path, monkeypatch):
-    from flows import tasks
     from flows.pipeline import lm_pipeline
+    from lm import stages
     from lm.errors import DataError
 
     calls = []
-    real_ingest = tasks.stages.ingest
+    real_ingest = stages.ingest
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real_ingest(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.stages, "ingest", counting)
+    monkeypatch.setattr(stages, "ingest", counting)
     spec = _spec()
-    tiny = spec.model_copy(update={"data": spec.data.model_copy(update={"max_chars": 30}), "retries": 2})
+    tiny = spec.overridden({"data.max_chars": 30, "retries": 2})
     with pytest.raises(DataError, match="split too short"):
         lm_pipeline(tiny, workdir=str(tmp_path / ".lmp"))
     assert calls == [1]  # retries: 2, but bad input fails at once

@@ -15,6 +15,8 @@ import pytest
 
 from flows.config import load_pipelines
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,12 +24,9 @@ def _spec():
     """The smoke pipeline, smaller still: two runs of it fit in a few seconds."""
     spec = load_pipelines(ROOT / "pipelines.yaml").get("smoke")
     train = {"max_steps": 30, "checkpoint_interval": 10, "log_interval": 5, "eval_interval": 30, "eval_tokens": 512}
-    return spec.model_copy(
-        update={
-            "data": spec.data.model_copy(update={"max_chars": 30000}),
-            "train": spec.train.model_copy(update=train),
-            "eval": spec.eval.model_copy(update={"prompts": (), "max_new_tokens": 8}),
-        }
+    return spec.overridden(
+        {"data.max_chars": 30000, "eval.prompts": [], "eval.max_new_tokens": 8}
+        | {f"train.{key}": value for key, value in train.items()}
     )
 
 
@@ -108,12 +107,12 @@ def test_a_failure_after_training_resumes_from_final_without_training_again(
 ):
     from mlflow.tracking import MlflowClient
 
-    from flows import tasks, torchrun
     from flows.pipeline import lm_pipeline
+    from lm.tasks.language_model import LanguageModel
 
     spec, workdir = _spec(), str(tmp_path / ".lmp")
     with monkeypatch.context() as m:
-        m.setattr(tasks.stages, "evaluate", _disk_full)
+        m.setattr(LanguageModel, "evaluate", _disk_full)
         with pytest.raises(OSError, match="No space left"):
             lm_pipeline(spec, workdir=workdir)
     client = MlflowClient()
@@ -123,7 +122,7 @@ def test_a_failure_after_training_resumes_from_final_without_training_again(
     assert [p.name for p in (Path(workdir) / "runs" / run_id).glob("step-*")] == []  # only final/ is left
     before = {key: _steps(client, run_id, key) for key in ("train_loss", "tokens_per_second", "wall_seconds")}
 
-    monkeypatch.setattr(torchrun, "fit_stage", _no_training)
+    monkeypatch.setattr(LanguageModel, "fit", _no_training)
     result = lm_pipeline(spec, workdir=workdir)
     [again] = client.search_runs([run.info.experiment_id])
     assert again.info.run_id == result["run_id"] == run_id and again.info.status == "FINISHED"

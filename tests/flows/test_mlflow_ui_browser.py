@@ -23,10 +23,13 @@ from tests.flows.helpers import free_port
 
 LMP = str(Path(sys.executable).with_name("lmp"))
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="no Chromium here (apt-get install -y chromium); CI installs it and runs this test",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None and not os.environ.get("CI"),
+        reason="no Chromium here (apt-get install -y chromium); CI installs it and runs this test",
+    ),
+]
 PAGE_DEADLINE_S = 60
 CHROMIUM_FLAGS = [  # a tall window: the UI draws a metric chart only in view; no sandbox: root in CI, local pages only
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-breakpad",

@@ -17,9 +17,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.flows.helpers import free_port, http
+
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
 
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 LMP = str(Path(sys.executable).with_name("lmp"))
 MODEL = {"kind": "gpt", "num_layers": 1, "num_heads": 1, "embed_dim": 16, "context_length": 16}
 TRAIN = {"batch_size": 2, "warmup_steps": 1, "eval_tokens": 64, "log_interval": 1, "precision": "fp32"}

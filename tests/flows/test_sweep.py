@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.config import ConfigError, parse_pipelines
+
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
 
 ROOT = Path(__file__).resolve().parents[2]
 LMP = str(Path(sys.executable).with_name("lmp"))

@@ -25,6 +25,8 @@ from lm.models import build_model
 from lm.training import train
 from tests.flows.helpers import free_port
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 KEYS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second")
 

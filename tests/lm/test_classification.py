@@ -153,10 +153,10 @@ def test_files_source_splits_by_label_and_names_classes(tmp_path):
     _csv(tmp_path / "all.csv", ROWS)
     cfg = LabelledFiles(source="files", paths=("all.csv",), text_column="review", label_column="sentiment")
     dataset = stages.prepare(cfg, tmp_path / "out", base_dir=tmp_path)
-    assert dataset["labels"] == ["negative", "positive"]
-    assert dataset["class_counts"]["val"] == {"negative": 2, "positive": 2}  # 20 % of each class, stratified
+    assert dataset.labels == ["negative", "positive"]
+    assert dataset.class_counts["val"] == {"negative": 2, "positive": 2}  # 20 % of each class, stratified
     again = stages.prepare(cfg, tmp_path / "out", base_dir=tmp_path)
-    assert again["cached"] and again["digest"] == dataset["digest"]
+    assert again.cached and again.digest == dataset.digest
 
 
 def test_a_validation_label_unseen_in_training_is_a_clear_error(tmp_path):
@@ -194,19 +194,19 @@ def test_hub_source_reads_a_saved_dataset_with_class_names(tmp_path):
     ).save_to_disk(str(tmp_path / "saved"))
     cfg = LabelledHub(source="hub", dataset=str(tmp_path / "saved"), validation_split="test")
     dataset = stages.prepare(cfg, tmp_path / "out", base_dir=tmp_path)
-    assert dataset["labels"] == ["neg", "pos"] and dataset["examples"] == {"train": 24, "val": 2}
-    rows = [json.loads(line) for line in (Path(dataset["path"]) / "val.jsonl").read_text().splitlines()]
+    assert dataset.labels == ["neg", "pos"] and dataset.examples == {"train": 24, "val": 2}
+    rows = [json.loads(line) for line in (Path(dataset.path) / "val.jsonl").read_text().splitlines()]
     assert rows == [{"text": "great", "label": 1}, {"text": "awful", "label": 0}]
 
 
 def test_genre_task_never_puts_a_play_in_two_splits(tmp_path):
     cfg = ShakespeareGenre(source="shakespeare-genre", max_passages_per_play=5, lines_per_passage=3, test_fraction=0.2)
     dataset = stages.prepare(cfg, tmp_path, base_dir=tmp_path)
-    plays = dataset["plays"]
+    plays = dataset.plays
     assert not (set(plays["train"]) & set(plays["val"])) and not (set(plays["val"]) & set(plays["test"]))
     assert len(plays["train"]) + len(plays["val"]) + len(plays["test"]) == 38
-    assert dataset["labels"] == ["comedies", "histories", "problems", "roman", "romances", "tragedies"]
-    assert all(n > 0 for n in dataset["class_counts"]["val"].values())  # every genre in validation
+    assert dataset.labels == ["comedies", "histories", "problems", "roman", "romances", "tragedies"]
+    assert all(n > 0 for n in dataset.class_counts["val"].values())  # every genre in validation
 
 
 def test_the_tokenizer_comes_from_the_initialising_model(tmp_path):
@@ -216,11 +216,11 @@ def test_the_tokenizer_comes_from_the_initialising_model(tmp_path):
     pretrained = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz "))  # knows no digits: they map to id 0
     pretrained.save(tmp_path / "tokenizer.json")
     encoded = stages.encode(dataset, tmp_path / "tokenizer.json", tmp_path / "tokens", max_tokens=32)
-    assert encoded["tokenizer_digest"] == tokenizer_digest(pretrained) and encoded["vocab_size"] == 28
-    assert (Path(encoded["path"]) / "tokenizer.json").read_text() == pretrained.to_json()
+    assert encoded.tokenizer_digest == tokenizer_digest(pretrained) and encoded.vocab_size == 28
+    assert (Path(encoded.path) / "tokenizer.json").read_text() == pretrained.to_json()
     ids = stages.load_split(encoded, "train")
     assert ids.ids[0, : ids.lengths[0]].tolist() == pretrained.encode(
-        json.loads((Path(dataset["path"]) / "train.jsonl").read_text().splitlines()[0])["text"]
+        json.loads((Path(dataset.path) / "train.jsonl").read_text().splitlines()[0])["text"]
     )
     fresh = stages.encode(dataset, CharTokenizerConfig(), tmp_path / "tokens", max_tokens=32)
-    assert fresh["tokenizer_digest"] != encoded["tokenizer_digest"]  # trained here: has the digits
+    assert fresh.tokenizer_digest != encoded.tokenizer_digest  # trained here: has the digits

@@ -14,7 +14,7 @@ CONTEXT = 8
 def run_stages(cfg, tok, tmp_path):
     corpus = stages.ingest(cfg, tmp_path / "w" / "data", base_dir=tmp_path, context_length=CONTEXT)
     tokens = stages.tokenize(corpus, tok, tmp_path / "w" / "tokens", context_length=CONTEXT)
-    record_success(tmp_path / "w", "p", corpus["inputs"], tokens["inputs"])
+    record_success(tmp_path / "w", "p", corpus.inputs, tokens.inputs)
     return corpus, tokens
 
 
@@ -33,15 +33,15 @@ def test_cache_hits_misses_and_plan_predictions(tmp_path):
     assert first["ingest"] == ("run", "no earlier successful run of this pipeline")
     assert first["tokenize"][0] == "run" and first["train"][0] == "run"
     corpus, tokens = run_stages(cfg, char, tmp_path)
-    assert not corpus["cached"] and not tokens["cached"]
+    assert not corpus.cached and not tokens.cached
 
     # Unchanged: both cached, and plan says so.
     assert statuses(cfg, char, tmp_path)["ingest"][0] == "cached"
     assert statuses(cfg, char, tmp_path)["tokenize"][0] == "cached"
     t = time.perf_counter()
     corpus2, tokens2 = run_stages(cfg, char, tmp_path)
-    assert corpus2["cached"] and tokens2["cached"] and time.perf_counter() - t < 2.0
-    assert tokens2["path"] == tokens["path"]
+    assert corpus2.cached and tokens2.cached and time.perf_counter() - t < 2.0
+    assert tokens2.path == tokens.path
 
     # A different tokenizer: tokenize runs, ingest does not.
     bpe = BPETokenizerConfig(kind="bpe", vocab_size=300)
@@ -49,7 +49,7 @@ def test_cache_hits_misses_and_plan_predictions(tmp_path):
     assert predicted["ingest"][0] == "cached"
     assert predicted["tokenize"][0] == "run" and "tokenizer.kind: 'char' → 'bpe'" in predicted["tokenize"][1]
     corpus3, tokens3 = run_stages(cfg, bpe, tmp_path)
-    assert corpus3["cached"] and not tokens3["cached"]
+    assert corpus3.cached and not tokens3.cached
     bigger = BPETokenizerConfig(kind="bpe", vocab_size=320)
     assert "tokenizer.vocab_size: 300 → 320" in statuses(cfg, bigger, tmp_path)["tokenize"][1]
 
@@ -59,17 +59,17 @@ def test_cache_hits_misses_and_plan_predictions(tmp_path):
     assert predicted["ingest"] == ("run", "file data/f2.txt changed")
     assert predicted["tokenize"][0] == "run"
     corpus4, tokens4 = run_stages(cfg, bpe, tmp_path)
-    assert not corpus4["cached"] and not tokens4["cached"] and corpus4["digest"] != corpus3["digest"]
+    assert not corpus4.cached and not tokens4.cached and corpus4.digest != corpus3.digest
 
 
 def test_deleted_cache_outputs_are_rebuilt(tmp_path):
     (tmp_path / "a.txt").write_text("some text to learn from. " * 100)
     cfg = FilesData(source="files", paths=("a.txt",))
     _, tokens = run_stages(cfg, CharTokenizerConfig(), tmp_path)
-    (tmp_path / "w" / "tokens" / tokens["key"][:16] / "val.bin").unlink()
+    (tmp_path / "w" / "tokens" / tokens.key[:16] / "val.bin").unlink()
     assert statuses(cfg, CharTokenizerConfig(), tmp_path)["tokenize"] == (
         "run",
         "cached tokens missing or altered on disk",
     )
     _, again = run_stages(cfg, CharTokenizerConfig(), tmp_path)
-    assert not again["cached"] and (tmp_path / "w" / "tokens" / tokens["key"][:16] / "val.bin").is_file()
+    assert not again.cached and (tmp_path / "w" / "tokens" / tokens.key[:16] / "val.bin").is_file()

@@ -167,7 +167,7 @@ def test_resumable_and_live_runs_are_kept(project, client):
         project,
         "KILLED",
         3_000,
-        tags={"data_digest": old_corpus["digest"], "tokenizer_digest": old_tokens["tokenizer_digest"]},
+        tags={"data_digest": old_corpus.digest, "tokenizer_digest": old_tokens.tokenizer_digest},
     )
     live = make_run(client, project, "RUNNING", 500, tags=process_tags())  # this test's own process: alive
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -180,7 +180,7 @@ def test_resumable_and_live_runs_are_kept(project, client):
     assert planned[(runs / superseded).resolve()] == "checkpoints"
     assert planned[(runs / finished).resolve()] == "checkpoints"
     assert planned[(runs / crashed).resolve()] == "checkpoints"  # dead and not the newest run: never resumed
-    kept = [runs / resumable, runs / live, Path(old_corpus["path"]), Path(old_tokens["path"])]
+    kept = [runs / resumable, runs / live, Path(old_corpus.path), Path(old_tokens.path)]
     for path in kept:
         assert not any(p == path.resolve() or path.resolve().is_relative_to(p) for p in planned), path
         assert not any(p.is_relative_to(path.resolve()) for p in planned), path
@@ -223,10 +223,10 @@ def test_current_config_caches_kept_orphans_removed(project, client):
     work = project / ".lmp"
     plan = plan_gc(work, config=project / "pipelines.yaml", base_dir=project, keep_last=1)
     planned = paths(plan)
-    assert planned[Path(orphan_corpus["path"]).resolve()] == "caches"
-    assert planned[Path(orphan_tokens["path"]).resolve()] == "caches"
-    assert planned[(work / "data" / "index" / f"{orphan_corpus['key']}.json").resolve()] == "caches"
-    assert Path(corpus["path"]).resolve() not in planned and Path(tokens["path"]).resolve() not in planned
+    assert planned[Path(orphan_corpus.path).resolve()] == "caches"
+    assert planned[Path(orphan_tokens.path).resolve()] == "caches"
+    assert planned[(work / "data" / "index" / f"{orphan_corpus.key}.json").resolve()] == "caches"
+    assert Path(corpus.path).resolve() not in planned and Path(tokens.path).resolve() not in planned
     run_gc(plan)
 
     # The current config still finds both caches: the next run skips ingest and tokenize.
@@ -235,13 +235,13 @@ def test_current_config_caches_kept_orphans_removed(project, client):
     cfg = FilesData(source="files", paths=("corpus",))
     statuses = {s.stage: s.status for s in stage_plan("p", cfg, CharTokenizerConfig(), workdir=work, base_dir=project)}
     assert statuses["ingest"] == statuses["tokenize"] == "cached"
-    assert not Path(orphan_corpus["path"]).exists() and not Path(orphan_tokens["path"]).exists()
+    assert not Path(orphan_corpus.path).exists() and not Path(orphan_tokens.path).exists()
     assert list((work / "data" / LOCKS).iterdir())  # lock files are never removed
 
     # The config now names the other data: its caches stay and the former ones go.
     (project / "pipelines.yaml").write_text(PIPELINES % ", max_chars: 600")
     planned = paths(plan_gc(work, config=project / "pipelines.yaml", base_dir=project, keep_last=1))
-    assert Path(corpus["path"]).resolve() in planned and Path(tokens["path"]).resolve() in planned
+    assert Path(corpus.path).resolve() in planned and Path(tokens.path).resolve() in planned
 
 
 def test_unreadable_config_keeps_every_cache(project, client):
@@ -295,7 +295,7 @@ def test_nothing_a_process_holds_open_is_removed(project, client):
 
     orphan, _ = build_caches(project, max_chars=600)
     build_caches(project)
-    held = Path(orphan["path"]) / "train.txt"
+    held = Path(orphan.path) / "train.txt"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; f = open(sys.argv[1]); print('open', flush=True); sys.stdin.read()", held],
         stdin=subprocess.PIPE,
@@ -331,7 +331,7 @@ def test_an_interrupted_gc_leaves_no_valid_looking_cache(project, client, monkey
     with pytest.raises(KeyboardInterrupt):
         gc.run_gc(plan)
     monkeypatch.undo()
-    assert data.cached_corpus(work / "data", orphan["key"]) is None  # gone from its name, whole
+    assert data.cached_corpus(work / "data", orphan.key) is None  # gone from its name, whole
     leftovers = [p for p in work.rglob(f"{gc.TRASH_PREFIX}*") if p.parent.name in ("data", "tokens")]
     assert leftovers
     again = gc.plan_gc(work, config=project / "pipelines.yaml", base_dir=project, keep_last=1)

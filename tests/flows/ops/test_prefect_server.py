@@ -10,6 +10,8 @@ import pytest
 
 from flows.ops import prefect_server
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 
 def test_an_api_url_in_the_environment_profile_or_settings_file_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))

@@ -17,6 +17,8 @@ import yaml
 
 from tests.flows.helpers import free_port, http
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 ROOT = Path(__file__).resolve().parents[3]
 LMP = str(Path(sys.executable).with_name("lmp"))
 

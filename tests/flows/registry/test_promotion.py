@@ -17,8 +17,10 @@ from flows.registry import promotion
 from flows.registry import register as registry
 from lm.config import GPTConfig
 from lm.models import build_model
+from lm.results import Package, Served
 from lm.tokenizers import CharTokenizer
 
+SERVED = Served(example_input="ROMEO:\n", example_output=["ROMEO:\n..."])
 GATE = PromoteConfig(metric="val_bpc", mode="min", min_improvement=0.005)
 
 
@@ -142,10 +144,10 @@ def test_a_failure_between_version_creation_and_alias_move_changes_no_alias_and_
         with mlflow.start_run() as run:
             pass
         tags = {"val_bpc": str(bpc), "data_digest": "d"}
-        return registry.log_and_register(run.info.run_id, "lm", files, tags, "ROMEO:\n", promote=GATE)
+        return registry.log_and_register(run.info.run_id, "lm", Package(**files), tags, SERVED, promote=GATE)
 
     first = register(_package(tmp_path, 1), 2.5)
-    assert first["created"] and _aliases(client, "lm") == {"challenger": 1, "champion": 1}
+    assert first.created and _aliases(client, "lm") == {"challenger": 1, "champion": 1}
 
     second_files = _package(tmp_path, 2)
     real_move = promotion.move_aliases
@@ -157,7 +159,7 @@ def test_a_failure_between_version_creation_and_alias_move_changes_no_alias_and_
 
     monkeypatch.setattr(promotion, "move_aliases", real_move)
     again = register(second_files, 2.4)  # the same weights: the existing version is reused
-    assert not again["created"] and again["version"] == 2
+    assert not again.created and again.version == 2
     assert len(client.search_model_versions("name = 'lm'")) == 2
     assert _aliases(client, "lm") == {"challenger": 2, "champion": 2, "previous": 1}
 
@@ -170,7 +172,7 @@ def test_the_flow_re_evaluates_a_champion_trained_on_other_data(prefect_harness,
 
     smoke = load_pipelines(Path(__file__).resolve().parents[3] / "pipelines.yaml").get("smoke")
     first = lm_pipeline(smoke, workdir=str(tmp_path / ".lmp"))
-    other_data = smoke.model_copy(update={"data": smoke.data.model_copy(update={"max_chars": 150000})})
+    other_data = smoke.overridden({"data.max_chars": 150000})
     second = lm_pipeline(other_data, workdir=str(tmp_path / ".lmp"))
     assert first["data_digest"] != second["data_digest"]
 
@@ -220,7 +222,7 @@ def test_two_pipeline_gates_racing_are_serialised_by_the_promotion_lock(mlflow_s
     client = MlflowClient()
     _gate(client, "lm", _version(client, "lm", 2.50))
 
-    def fake_log_model(run_id, files, *args, **kwargs):  # a tiny artifact instead of a whole pyfunc (fast)
+    def fake_log_model(run_id, package, *args, **kwargs):  # a tiny artifact instead of a whole pyfunc (fast)
         client.log_text(run_id, "weights", "model.txt")
         return SimpleNamespace(model_uri=f"runs:/{run_id}/model.txt")
 
@@ -257,7 +259,8 @@ def test_two_pipeline_gates_racing_are_serialised_by_the_promotion_lock(mlflow_s
             weights = tmp_path / f"w{tag}.bin"
             weights.write_text(tag)
             tags = {"val_bpc": str(bpc), "data_digest": "d1"}
-            registry.log_and_register(run_id, "lm", {"weights": str(weights)}, tags, "x", promote=GATE)
+            package = Package(weights=str(weights), config="", tokenizer="")
+            registry.log_and_register(run_id, "lm", package, tags, SERVED, promote=GATE)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
         finally:

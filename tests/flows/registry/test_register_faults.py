@@ -21,6 +21,7 @@ from flows.registry import promotion
 from flows.registry import register as registry
 from lm.config import GPTConfig
 from lm.models import build_model
+from lm.results import Package, Served
 from lm.tokenizers import CharTokenizer
 
 GATE = PromoteConfig(metric="val_bpc", mode="min", min_improvement=0.005)
@@ -51,7 +52,8 @@ def _experiment(client: MlflowClient) -> str:
 
 def _register(client, run_id, files, bpc=2.5):
     tags = {"val_bpc": str(bpc), "data_digest": "d"}
-    return registry.log_and_register(run_id, "lm", files, tags, "ROMEO:\n", promote=GATE)
+    served = Served(example_input="ROMEO:\n", example_output=["ROMEO:\n..."])
+    return registry.log_and_register(run_id, "lm", Package(**files), tags, served, promote=GATE)
 
 
 def test_the_run_stays_running_until_the_version_is_registered_and_the_aliases_moved(
@@ -69,7 +71,7 @@ def test_the_run_stays_running_until_the_version_is_registered_and_the_aliases_m
     registered = _register(client, run_id, _package(tmp_path / "pkg"))
     assert seen and set(seen) == {RunStatus.to_string(RunStatus.RUNNING)}
     assert client.get_run(run_id).info.status == "RUNNING"  # tracked_run ends it, not the registry
-    assert client.get_run(run_id).data.tags["lmp.registered_version"] == str(registered["version"])
+    assert client.get_run(run_id).data.tags["lmp.registered_version"] == str(registered.version)
     (logged,) = client.search_logged_models(experiment_ids=[_experiment(client)])
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
 
@@ -103,7 +105,7 @@ def test_a_full_disk_while_logging_the_model_registers_nothing_and_leaves_no_par
 
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", real_log_artifacts)
     again = _register(client, run_id, files)  # space freed: the rerun registers the one version
-    assert again["created"] and again["version"] == 1
+    assert again.created and again.version == 1
     assert len(_model_dirs(tmp_path)) == 1
 
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", disk_full)

@@ -21,6 +21,8 @@ import pytest
 
 from tests.flows.helpers import free_port
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
+
 CAP = 100_000  # far more tokens than the tiny model makes within BUDGET_S on this machine
 BUDGET_S = 2.0
 
@@ -35,7 +37,10 @@ def logged_model(tmp_path_factory) -> tuple[str, str]:
     from flows import tracking
     from flows.registry import register as registry
     from lm.config import GPTConfig
+    from lm.generation import GENERATION_DEFAULTS
     from lm.models import build_model
+    from lm.package import FILES
+    from lm.results import Package, Served
     from lm.tokenizers import CharTokenizer
 
     root = tmp_path_factory.mktemp("served")
@@ -52,8 +57,9 @@ def logged_model(tmp_path_factory) -> tuple[str, str]:
     try:
         with mlflow.start_run() as run:
             pass
-        files = {key: str(root / name) for key, name in registry.PACKAGE_FILES.items()}
-        info = registry.log_model(run.info.run_id, files, "ROMEO:\n", objective="causal")
+        package = Package(**{key: str(root / name) for key, name in FILES.items()})
+        served = Served(example_input="ROMEO:\n", example_output=["ROMEO:\n..."], params=dict(GENERATION_DEFAULTS))
+        info = registry.log_model(run.info.run_id, package, served)
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])

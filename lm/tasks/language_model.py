@@ -1,0 +1,150 @@
+"""Language modelling (``task: language-model``, the default): a corpus → a tokenizer trained on its training
+split → token shards → a causal (GPT, LSTM) or masked (encoder) language model → loss, bits per character and
+samples → a package that generates text (or, for an encoder, embeds it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import TypeAdapter
+from torch import nn
+
+from lm import data, shards, stages
+from lm import package as packaging
+from lm import plan as planning
+from lm.cache import inputs_key
+from lm.config import ModelConfig
+from lm.errors import DataError
+from lm.generation import GENERATION_DEFAULTS
+from lm.models import build_model
+from lm.report import Card, DatasetRecord, Table, code_block
+from lm.results import Corpus, Encoded, Evaluation, Init, Package, Prepared, Served, TokenShards, Trained
+from lm.runtime import Runtime
+from lm.sources import describe
+
+HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
+            "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip
+MODEL_CONFIG = TypeAdapter(ModelConfig)
+
+
+class LanguageModel:
+    name: ClassVar[str] = "language-model"
+    data_root: ClassVar[str] = "data"
+    tokens_root: ClassVar[str] = "tokens"
+    encoded_type: ClassVar[type[Encoded]] = TokenShards
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    # ------------------------------------------------------------------ data
+    def init_from(self) -> str | None:
+        return None
+
+    def check_init(self, requested: str, config: dict) -> None:
+        raise DataError(f"init_from {requested}: a language-model pipeline trains from scratch")
+
+    def prepare(self, root: Path, *, base_dir: Path) -> Corpus:
+        return stages.ingest(self.spec.data, root, base_dir=base_dir, context_length=self.spec.model.context_length)
+
+    def encode(self, prepared: Prepared, init: Init | None, root: Path) -> TokenShards:
+        return stages.tokenize(prepared, self.spec.tokenizer, root, context_length=self.spec.model.context_length)
+
+    def ingest_key(self, base_dir: Path) -> str:
+        return inputs_key(data.ingest_inputs(self.spec.data, Path(base_dir)))
+
+    def tokens_key(self, data_digest: str) -> str | None:
+        return inputs_key(shards.tokenize_inputs(data_digest, self.spec.tokenizer))
+
+    def describe(self) -> str:
+        return describe(self.spec.data)
+
+    def dataset(self, prepared: Corpus) -> DatasetRecord:
+        manifest = json.loads((Path(prepared.path) / "manifest.json").read_text())
+        rows = [{"title": t, "genre": g} for t, g in zip(manifest["titles"], manifest["genres"], strict=True)]
+        counts = {f"data_chars_{split}": n for split, n in prepared.chars.items()}
+        return DatasetRecord(rows, self.describe(), prepared.path, prepared.digest, counts | {
+            "data_documents": prepared.documents
+        })  # fmt: skip
+
+    def params(self, encoded: Encoded, init: Init | None) -> dict:
+        return {}
+
+    def lineage_tags(self, init: Init | None) -> dict[str, str]:
+        return {}
+
+    # ------------------------------------------------------------------ model
+    def fit(self, encoded: TokenShards, init: Init | None, out: Path, *, on_start: Callable | None = None,
+            **hooks) -> Trained:  # fmt: skip
+        return stages.fit(encoded, self.spec.model, self.spec.train, out, on_start=on_start, **hooks)
+
+    def evaluate(self, encoded: TokenShards, trained: Trained, init: Init | None) -> Evaluation:
+        spec = self.spec
+        return stages.evaluate(encoded, trained.checkpoint, spec.model, spec.train, spec.eval)
+
+    def export(self, encoded: TokenShards, trained: Trained, init: Init | None, out_dir: Path) -> Package:
+        config = {
+            "model": self.spec.model.model_dump(mode="json"),
+            "vocab_size": encoded.vocab_size,
+            "generation": self.spec.eval.model_dump(mode="json"),
+        }
+        weights = Path(trained.checkpoint) / packaging.FILES["weights"]
+        return packaging.export(out_dir, weights=weights, tokenizer=encoded.tokenizer_file, config=config)
+
+    def served(self, evaluation: Evaluation, trained: Trained, encoded: Encoded) -> Served:
+        prompt = self.spec.eval.prompt
+        if trained.card.get("objective") == "causal":
+            return Served(example_input=prompt, example_output=[prompt + "..."], params=dict(GENERATION_DEFAULTS))
+        return Served(example_input=prompt, example_output=[[0.0] * int(trained.card.get("feature_dim", 1))])
+
+    def version_tags(self, evaluation: Evaluation) -> dict[str, str]:
+        return {k: f"{v:.6g}" for k, v in evaluation.metrics.items()}
+
+    # ------------------------------------------------------------------ report
+    def card(self, encoded: TokenShards, trained: Trained, evaluation: Evaluation, init: Init | None) -> Card:
+        spec, c = self.spec, trained.card
+        model = spec.model.model_dump(mode="json")
+        samples = [s for s in evaluation.samples] or [{"prompt": "", "output": evaluation.summary}]
+        shown = "\n\n".join(
+            f"**{s['prompt'].strip() or '(empty)'}**\n\n{code_block(s['output'])}" for s in evaluation.samples
+        ) or code_block(evaluation.summary)
+        return Card(
+            rows=[
+                ("architecture", f"{model['kind']} ({shape(model)})"),
+                ("parameters", f"{c['num_parameters']:,} ({c['num_parameters_non_embedding']:,} non-embedding)"),
+                ("training FLOPs per token", f"{c['flops_per_token']:,.0f}"),
+                (
+                    "tokenizer",
+                    f"{spec.tokenizer.kind}, {encoded.vocab_size} ids, digest `{encoded.tokenizer_digest[:12]}`",
+                ),
+                (
+                    "data",
+                    f"{spec.data.source}, digest `{encoded.data_digest[:12]}`, "
+                    f"{encoded.chars.get('train', 0):,} training characters",
+                ),
+            ],  # fmt: skip
+            headline=HEADLINE,
+            metrics_note=f"Evaluation protocol: {evaluation.protocol}.",
+            sections=[("Samples", shown)],
+            tables=[Table("samples", samples, "generations from the fixed prompts", "samples.json")],
+        )
+
+    # ------------------------------------------------------------------ packages
+    def evaluate_package(self, package: Package, data_path: Path, runtime: Runtime) -> dict[str, float]:
+        return stages.evaluate_package(package, data_path, runtime, batch_size=self.spec.train.batch_size)
+
+    def plan(self, workdir: Path, base_dir: Path, resume) -> list:
+        return planning.plan(
+            self.spec.name, self.spec.data, self.spec.tokenizer, workdir=workdir, base_dir=base_dir, resume=resume
+        )
+
+    @staticmethod
+    def build_packaged(config: dict) -> nn.Module:
+        return build_model(MODEL_CONFIG.validate_python(config["model"]), config["vocab_size"])
+
+
+def shape(model: dict) -> str:
+    """An architecture's sizes in one line (``num_layers 4, embed_dim 128 …``)."""
+    return ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
