@@ -1,8 +1,9 @@
-"""Thin Prefect tasks around the pipeline's task (``lm.tasks``): small values in and out (paths, digests, ids, metrics).
+"""Thin Prefect tasks around the pipeline's task (``lm.tasks``): the same tasks for every task, typed results
+(``lm.results``: paths, digests, metrics) in and out.
 
 Stage outputs are content-addressed directories under the work directory, so an unchanged stage
-reuses what is already on disk. Prefect's own result caching is off: results are small dicts
-recomputed cheaply, and nothing is pickled (``RESULTS``: not persisted; a failure's record is JSON).
+reuses what is already on disk. Prefect's own result caching is off: results are small and recomputed
+cheaply, and nothing is pickled (``RESULTS``: not persisted; a failure's record is JSON).
 """
 
 from __future__ import annotations

@@ -448,9 +448,8 @@ def log_dataset(run_id: str, record: DatasetRecord) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = from_pandas(
             pd.DataFrame(record.rows), source=record.path, name=record.source[:200], digest=record.digest[:32]
-        )
-    tags = [InputTag("mlflow.data.context", "training")]
-    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=tags)]
+        )._to_mlflow_entity()
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
     try:
         MlflowClient().log_inputs(run_id, datasets=inputs)
     except MlflowException:  # two runs registering the same dataset at once: the loser finds it the second time
