@@ -502,8 +502,12 @@ def generate(
     except (MlflowException, OSError) as e:
         raise fail(f"cannot load {model_uri}: {str(e).splitlines()[0]}") from None
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    params |= {"seed": seed, "stop": stop}
+    # A model that takes no generation params (a classifier, an encoder) answers the text alone: passing them
+    # would only make MLflow warn that it ignores them.
+    takes_params = loaded.metadata.get_params_schema() is not None
     try:
-        output = loaded.predict([prompt], params=params | {"seed": seed, "stop": stop})[0]
+        output = loaded.predict([prompt], **({"params": params} if takes_params else {}))[0]
     except MlflowException as e:  # the model's own one-line check of the params and the prompt
         raise fail(e.message.splitlines()[0]) from None
     console.print(output if isinstance(output, str) else json.dumps(output), markup=False, highlight=False)

@@ -50,6 +50,9 @@ def test_models_promote_rollback_and_generate_from_the_cli(store):
     assert out.exit_code == 0 and out.output.startswith("ROMEO:\n") and len(out.output.rstrip("\n")) >= 12
     missing = runner.invoke(app, ["generate", "models:/smoke@nope", "x"])
     assert missing.exit_code == 2 and "cannot load" in missing.output
+    genre = runner.invoke(app, ["generate", "models:/smoke-genre@champion", "To be, or not to be"])  # no params
+    answer = json.loads(genre.output)
+    assert genre.exit_code == 0 and answer["label"] in answer["probabilities"]
 
 
 @contextmanager
