@@ -90,6 +90,7 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
     return {
         "run_id": run_id,
         "metrics": evaluation.metrics,
+        "summary_metrics": list(task.summary_metrics),
         "sample": evaluation.summary,
         "registered": registered.model_dump(),
         "train": trained.model_dump(),

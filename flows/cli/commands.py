@@ -27,15 +27,6 @@ from lm.errors import DataError
 from lm.metrics import METRICS as METRIC_TABLE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
-SUMMARY_METRICS = (
-    "val_macro_f1",
-    "val_label_accuracy",
-    "val_baseline_macro_f1",
-    "val_loss",
-    "val_bpc",
-    "val_mlm_loss",
-)
-"""Rows of the run summary, when the run logged them; labels and units come from lm.metrics."""
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to the pipelines file.")]
 OverrideOption = Annotated[
     list[str] | None,
@@ -228,7 +219,7 @@ def _summary(spec: PipelineSpec, result: dict, wall: float, uri: str) -> Table:
 
     metrics, registered = result["metrics"], result["registered"]
     table = Table(title=f"{spec.name}: done", show_header=False)
-    for key in SUMMARY_METRICS:
+    for key in result["summary_metrics"]:  # the task's headline rows; labels and units come from lm.metrics
         if key in metrics:
             m = METRIC_TABLE[key]
             table.add_row(m.label, f"{metrics[key]:.4f} {m.unit}".rstrip())

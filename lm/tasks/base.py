@@ -25,6 +25,8 @@ class Task(Protocol):
     """Folder of the work directory for prepared data (the gate's champion re-evaluation reads it too)."""
     tokens_root: ClassVar[str]
     encoded_type: ClassVar[type[Encoded]]
+    summary_metrics: ClassVar[tuple[str, ...]]
+    """The metrics `lmp run`'s summary shows when the run logged them (each named in ``lm.metrics``)."""
 
     def init_from(self) -> str | None:
         """The registered model this pipeline starts from (``models:/NAME@ALIAS``), None from scratch."""

@@ -40,6 +40,7 @@ class Classification:
     data_root: ClassVar[str] = "labelled"
     tokens_root: ClassVar[str] = "labelled-tokens"
     encoded_type: ClassVar[type[Encoded]] = EncodedExamples
+    summary_metrics: ClassVar[tuple[str, ...]] = ("val_macro_f1", "val_label_accuracy", "val_baseline_macro_f1")
 
     def __init__(self, spec):
         self.spec = spec

@@ -35,6 +35,7 @@ class LanguageModel:
     data_root: ClassVar[str] = "data"
     tokens_root: ClassVar[str] = "tokens"
     encoded_type: ClassVar[type[Encoded]] = TokenShards
+    summary_metrics: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpc", "val_mlm_loss")
 
     def __init__(self, spec):
         self.spec = spec

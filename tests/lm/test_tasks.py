@@ -9,16 +9,23 @@ from pathlib import Path
 import pytest
 
 from lm import tasks
+from lm.metrics import METRICS
 from lm.tasks.base import Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_registered_task_implements_every_method_of_the_protocol():
-    wanted = {name for name in vars(Task) if not name.startswith("_")} - {"name", "data_root", "tokens_root"}
+    wanted = {name for name in vars(Task) if not name.startswith("_")} - {
+        "name",
+        "data_root",
+        "tokens_root",
+        "summary_metrics",
+    }
     for name in tasks.TASKS:
         cls = tasks.get(name)
         assert cls.name == name
+        assert set(cls.summary_metrics) <= set(METRICS), f"{name}: summary metrics missing from lm.metrics"
         missing = {m for m in wanted if not hasattr(cls, m)}
         assert not missing, f"{name} lacks {sorted(missing)}"
 
