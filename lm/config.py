@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -208,6 +208,8 @@ class EncoderConfig(GPTConfig):
 
 
 ModelConfig = Annotated[GPTConfig | LSTMConfig | EncoderConfig, Field(discriminator="kind")]
+MODEL_CONFIG = TypeAdapter(ModelConfig)
+"""Validates a ``model`` section read back from JSON (a package's config.json, an init model)."""
 """The architecture, chosen by `kind`; `lm.models.build_model` is the only place that dispatches on it."""
 
 

@@ -41,5 +41,10 @@ class DatasetRecord:
     counts: dict[str, float]
 
 
+def shape(model: dict) -> str:
+    """An architecture's sizes in one line for a card (``num_layers 4, embed_dim 128 …``)."""
+    return ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
+
+
 def code_block(text: str) -> str:
     return f"```\n{text}\n```"

@@ -354,12 +354,6 @@ class Refs:
     init: set[str] = field(default_factory=set)  # registered-model names pipelines initialise from
 
 
-def _key(inputs: dict) -> str:
-    from lm.cache import inputs_key
-
-    return inputs_key(inputs)
-
-
 def _indexed(root: Path, key: str) -> str | None:
     """The digest ``root/index/<key>.json`` records (None when that input was never built)."""
     try:
@@ -414,11 +408,13 @@ def _current_refs(config: Path, work: Path, base_dir: Path, plan: GcPlan) -> Ref
 
 def _last_refs(refs: Refs, record: dict, task, work: Path) -> None:
     """The caches ``lm.plan.record_success`` recorded for a pipeline's last successful run."""
-    ingest = _key(record.get("ingest") or {})
+    from lm.cache import inputs_key
+
+    ingest = inputs_key(record.get("ingest") or {})
     refs.index[task.data_root].add(ingest)
     if digest := _indexed(work / task.data_root, ingest):
         refs.prepared[task.data_root].add(digest)
-    refs.encoded[task.tokens_root].add(_key(record.get("tokenize") or {}))
+    refs.encoded[task.tokens_root].add(inputs_key(record.get("tokenize") or {}))
 
 
 def _manifest(path: Path) -> dict:

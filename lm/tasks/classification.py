@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import TypeAdapter
 from torch import nn
 
 from lm import package as packaging
@@ -20,19 +19,17 @@ from lm.classification import data as labelled
 from lm.classification import stages
 from lm.classification.config import HeadConfig
 from lm.classification.model import build_classifier
-from lm.config import ModelConfig, flatten
+from lm.config import MODEL_CONFIG, ModelConfig, flatten
 from lm.errors import DataError
-from lm.report import Card, DatasetRecord, Table, code_block
+from lm.report import Card, DatasetRecord, Table, code_block, shape
 from lm.results import Encoded, EncodedExamples, Evaluation, Init, LabelledDataset, Package, Served, Trained
 from lm.runtime import Runtime
-from lm.tasks.language_model import shape
 
 HEADLINE = (
     "val_macro_f1", "val_label_accuracy", "val_baseline_macro_f1", "val_baseline_label_accuracy",
     "val_loss_per_example", "val_macro_precision", "val_macro_recall", "test_macro_f1", "test_label_accuracy",
     "test_baseline_macro_f1",
 )  # fmt: skip
-MODEL_CONFIG = TypeAdapter(ModelConfig)
 
 
 class Classification:

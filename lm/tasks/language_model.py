@@ -9,25 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import TypeAdapter
 from torch import nn
 
 from lm import data, shards, stages
 from lm import package as packaging
 from lm import plan as planning
 from lm.cache import inputs_key
-from lm.config import ModelConfig
+from lm.config import MODEL_CONFIG
 from lm.errors import DataError
 from lm.generation import GENERATION_DEFAULTS
 from lm.models import build_model
-from lm.report import Card, DatasetRecord, Table, code_block
+from lm.report import Card, DatasetRecord, Table, code_block, shape
 from lm.results import Corpus, Encoded, Evaluation, Init, Package, Prepared, Served, TokenShards, Trained
 from lm.runtime import Runtime
 from lm.sources import describe
 
 HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
             "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip
-MODEL_CONFIG = TypeAdapter(ModelConfig)
 
 
 class LanguageModel:
@@ -144,8 +142,3 @@ class LanguageModel:
     @staticmethod
     def build_packaged(config: dict) -> nn.Module:
         return build_model(MODEL_CONFIG.validate_python(config["model"]), config["vocab_size"])
-
-
-def shape(model: dict) -> str:
-    """An architecture's sizes in one line (``num_layers 4, embed_dim 128 …``)."""
-    return ", ".join(f"{k} {v}" for k, v in model.items() if k != "kind")
