@@ -59,6 +59,27 @@ class LabelledDataset(Prepared):
         return self.examples
 
 
+class PairDataset(Prepared):
+    """(source, target) text pairs split into ``<split>.jsonl`` files, each row ``{"source": …, "target": …}``
+    (what the source adds to the manifest — the items of each split, a hub dataset's files — is kept as extra
+    fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    application: str
+    """``translation``, ``summarization`` or ``question-answering``: which metrics and baselines apply."""
+    pairs: dict[str, int]
+    """Pairs per split."""
+    dropped: dict[str, int] = {}
+    """Pairs dropped per split because the source or the target was empty after cleaning."""
+    duplicates: dict[str, int] = {}
+    """Validation/test pairs whose source also occurs in training (``"val"``, ``"test"``): reported, kept."""
+    source: str = ""
+
+    def sizes(self) -> dict:
+        return self.pairs
+
+
 class Encoded(Result):
     """The tokenize stage's result: a tokenizer and the data as ids, content-addressed."""
 
