@@ -1,0 +1,1 @@
+"""Sequence-to-sequence tasks (translation, summarization, question answering): data, metrics, stages."""
