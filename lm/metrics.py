@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TASKS = {"causal": "language-model", "mlm": "encoder", "classification": "classifier"}
-"""Task key → its name in `lmp compare` (a causal language model, a masked-LM encoder, a classifier)."""
+TASKS = {"causal": "language-model", "mlm": "encoder", "classification": "classifier", "seq2seq": "seq2seq"}
+"""Task key → its name in `lmp compare` (a causal language model, a masked-LM encoder, a classifier, a
+sequence-to-sequence model: translation, summarization, question answering)."""
 
-CAUSAL, MLM, CLASSIFICATION = ("causal",), ("mlm",), ("classification",)
-TRAINED = ("causal", "mlm", "classification")
+CAUSAL, MLM, CLASSIFICATION, SEQ2SEQ = ("causal",), ("mlm",), ("classification",), ("seq2seq",)
+TRAINED = ("causal", "mlm", "classification", "seq2seq")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Metric:
     """Tasks (keys of TASKS) that log it."""
     description: str
 
+
+_ROUGE = "F1 × 100 (rouge-score)"
+_COPY = "the source copied as the output"
+_FREQUENT = "always the most frequent training answer"
 
 _SPLIT = {  # name without its split prefix → metric; logged as val_<name> and test_<name>
     "bpc": Metric("bits per char", "bits/char", "min", CAUSAL, "cross-entropy in bits per character of text"),
@@ -52,6 +57,36 @@ _SPLIT = {  # name without its split prefix → metric; logged as val_<name> and
     "baseline_label_accuracy": Metric(
         "majority-class label accuracy", "fraction of examples", "max", CLASSIFICATION, "always the most frequent class"
     ),
+    # seq2seq: decoded outputs scored 0–100 by the field's own libraries, and the teacher-forced target loss
+    "bleu": Metric("BLEU", "BLEU (0–100, sacrebleu)", "max", SEQ2SEQ, "corpus BLEU, one reference (translation)"),
+    "chrf": Metric("chrF", "chrF (0–100, sacrebleu)", "max", SEQ2SEQ, "corpus chrF, one reference (translation)"),
+    "rouge1": Metric("ROUGE-1 F1", _ROUGE, "max", SEQ2SEQ, "unigram F1, stemmed, mean over pairs (summarization)"),
+    "rouge2": Metric("ROUGE-2 F1", _ROUGE, "max", SEQ2SEQ, "bigram F1, stemmed, mean over pairs (summarization)"),
+    "rougeL": Metric("ROUGE-L F1", _ROUGE, "max", SEQ2SEQ, "longest-common-subsequence F1, stemmed (summarization)"),
+    "exact_match": Metric(
+        "exact match", "% of answers (SQuAD normalisation)", "max", SEQ2SEQ, "normalised answer = reference (QA)"
+    ),
+    "token_f1": Metric("token F1", "F1 × 100 (SQuAD)", "max", SEQ2SEQ, "token-overlap F1, mean over answers (QA)"),
+    "target_loss": Metric(
+        "target-token loss",
+        "nats/target token",
+        "min",
+        SEQ2SEQ,
+        "cross-entropy on target tokens only, the source being context (teacher forcing)",
+    ),
+    "target_perplexity": Metric(
+        "target-token perplexity", "exp(nats/target token)", "min", SEQ2SEQ, "exp of target_loss"
+    ),
+    "target_tokens": Metric("target tokens scored", "tokens", None, SEQ2SEQ, "target tokens scored by target_loss"),
+    "baseline_bleu": Metric("copy-source BLEU", "BLEU (0–100, sacrebleu)", "max", SEQ2SEQ, _COPY),
+    "baseline_chrf": Metric("copy-source chrF", "chrF (0–100, sacrebleu)", "max", SEQ2SEQ, _COPY),
+    "baseline_rouge1": Metric("copy-source ROUGE-1 F1", _ROUGE, "max", SEQ2SEQ, _COPY),
+    "baseline_rouge2": Metric("copy-source ROUGE-2 F1", _ROUGE, "max", SEQ2SEQ, _COPY),
+    "baseline_rougeL": Metric("copy-source ROUGE-L F1", _ROUGE, "max", SEQ2SEQ, _COPY),
+    "baseline_exact_match": Metric(
+        "most-frequent-answer exact match", "% of answers (SQuAD normalisation)", "max", SEQ2SEQ, _FREQUENT
+    ),
+    "baseline_token_f1": Metric("most-frequent-answer token F1", "F1 × 100 (SQuAD)", "max", SEQ2SEQ, _FREQUENT),
 }
 
 METRICS: dict[str, Metric] = {f"{split}_{name}": m for name, m in _SPLIT.items() for split in ("val", "test")} | {
@@ -61,7 +96,7 @@ METRICS: dict[str, Metric] = {f"{split}_{name}": m for name, m in _SPLIT.items()
         "min",
         TRAINED,
         "the training objective: per token (language model), per masked token (encoder), per example "
-        "(classifier) — compare it within one task only",
+        "(classifier), per target token (seq2seq) — compare it within one task only",
     ),
     "val_loss_estimate": Metric(
         "validation loss (estimate)",
@@ -78,13 +113,24 @@ METRICS: dict[str, Metric] = {f"{split}_{name}": m for name, m in _SPLIT.items()
 PER_TASK_OBJECTIVE = ("train_loss", "val_loss_estimate")
 """Names whose unit depends on the task (the training loop's own objective): sorted within one task only."""
 
-HEADLINE = {"causal": "val_bpc", "mlm": "val_mlm_loss", "classification": "val_macro_f1"}
+HEADLINE = {"causal": "val_bpc", "mlm": "val_mlm_loss", "classification": "val_macro_f1", "seq2seq": "val_chrf"}
 """Each task's headline metric (the default promotion gate; first in summaries)."""
 
 GATE_METRICS = {
     "causal": ("val_bpc", "val_loss", "val_perplexity"),
     "mlm": ("val_mlm_loss", "val_mlm_perplexity"),
     "classification": ("val_macro_f1", "val_label_accuracy", "val_loss_per_example"),
+    "seq2seq": (
+        "val_chrf",
+        "val_rougeL",
+        "val_exact_match",
+        "val_bleu",
+        "val_rouge1",
+        "val_rouge2",
+        "val_token_f1",
+        "val_target_loss",
+        "val_target_perplexity",
+    ),
 }
 """The metrics a promotion gate (`promote.metric`) may compare, per task, the default first; `promote.mode`
 is the table's ``better``."""
