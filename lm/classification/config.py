@@ -47,33 +47,44 @@ class LabelledFiles(_Labelled):
 
     @model_validator(mode="after")
     def _local_only(self) -> LabelledFiles:
-        every = self.paths + self.validation_paths + self.test_paths
-        remote = [p for p in every if "://" in p]
-        if remote:
-            raise ValueError(f"{remote}: only local paths are read; download the data and point at the files")
-        outside = [p for p in every if p.startswith(("/", "~")) or ".." in p.replace("\\", "/").split("/")]
-        if outside and not self.allow_outside:
-            raise ValueError(
-                f"{outside} lead outside the project directory; move the data in or set allow_outside: true"
-            )
+        check_local_paths(self.paths + self.validation_paths + self.test_paths, allow_outside=self.allow_outside)
         return self
 
 
-class LabelledHub(_Labelled):
-    """A labelled dataset through `datasets` (a hub name, or a folder written by `save_to_disk`)."""
+def check_local_paths(paths: tuple[str, ...], *, allow_outside: bool) -> None:
+    """ValueError for a URL, or (unless ``allow_outside``) an absolute path or ``..`` leading out of the project."""
+    remote = [p for p in paths if "://" in p]
+    if remote:
+        raise ValueError(f"{remote}: only local paths are read; download the data and point at the files")
+    outside = [p for p in paths if p.startswith(("/", "~")) or ".." in p.replace("\\", "/").split("/")]
+    if outside and not allow_outside:
+        raise ValueError(f"{outside} lead outside the project directory; move the data in or set allow_outside: true")
 
-    source: Literal["hub"]
+
+class HubSplits(Frozen):
+    """Which `datasets` dataset and splits a hub source reads (shared by the hub sources of every task)."""
+
     dataset: str = Field(min_length=1)
+    """A hub name, or a local folder (of data files, or written by `save_to_disk`) read offline."""
     config: str | None = None
+    """The dataset's configuration, if it has several."""
     revision: str | None = None
+    """A hub revision (tag, branch or commit) to pin."""
     train_split: str = "train"
     validation_split: str | None = None
     """The dataset's validation split (default: hold out `val_fraction` of `train_split`)."""
     test_split: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    """The dataset's test split (default: hold out `test_fraction` of `train_split`, if not 0)."""
     allow_outside: bool = False
     """Allow a local dataset folder outside the directory `lmp` runs in (absolute, `..`, symlinks)."""
+
+
+class LabelledHub(_Labelled, HubSplits):
+    """A labelled dataset through `datasets` (a hub name, or a folder written by `save_to_disk`)."""
+
+    source: Literal["hub"]
+    text_column: str = "text"
+    label_column: str = "label"
 
 
 class ShakespeareGenre(_Labelled):

