@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -328,18 +329,29 @@ def _cache(root: Path) -> StageCache:
     return StageCache(Path(root), _intact, by_content=True)
 
 
+def cached_manifest(cache: StageCache, key: str) -> dict | None:
+    """The manifest (with ``path``) an earlier build with this key produced, if intact on disk."""
+    entry = cache.find(key)
+    return None if entry is None else entry.manifest | {"path": str(entry.path)}
+
+
+def built_manifest(cache: StageCache, inputs: dict, build: Callable[[Path], dict]) -> dict:
+    """``cache``'s result for ``inputs`` (``build(tmp)`` on a miss): its manifest with ``path``, ``cached``,
+    ``key`` and ``inputs`` — the fields every ``lm.results.Prepared`` has."""
+    entry = cache.get_or_build(inputs, build)
+    return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "key": entry.key, "inputs": inputs}
+
+
 def cached_dataset(root: Path, key: str) -> dict | None:
     """The manifest (with ``path``) an earlier build with this key produced, if intact on disk."""
-    entry = _cache(root).find(key)
-    return None if entry is None else entry.manifest | {"path": str(entry.path)}
+    return cached_manifest(_cache(root), key)
 
 
 def build_dataset(cfg: LabelledData, root: Path, *, base_dir: Path) -> dict:
     """Read, label and split into ``root/<digest>`` (or reuse an intact earlier result); the manifest."""
     root = Path(root)
     inputs = dataset_inputs(cfg, base_dir)
-    entry = _cache(root).get_or_build(inputs, lambda tmp: _build(cfg, root, tmp, base_dir=Path(base_dir)))
-    return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "key": entry.key, "inputs": inputs}
+    return built_manifest(_cache(root), inputs, lambda tmp: _build(cfg, root, tmp, base_dir=Path(base_dir)))
 
 
 def _build(cfg: LabelledData, root: Path, tmp: Path, *, base_dir: Path) -> dict:

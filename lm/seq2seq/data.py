@@ -24,6 +24,8 @@ import numpy as np
 from lm import sources
 from lm.cache import Entry, StageCache
 from lm.classification.data import (
+    built_manifest,
+    cached_manifest,
     file_format,
     files_fingerprint,
     hub_split,
@@ -326,8 +328,7 @@ def _cache(root: Path) -> StageCache:
 
 def cached_pairs(root: Path, key: str) -> dict | None:
     """The manifest (with ``path``) an earlier build with this key produced, if intact on disk."""
-    entry = _cache(root).find(key)
-    return None if entry is None else entry.manifest | {"path": str(entry.path)}
+    return cached_manifest(_cache(root), key)
 
 
 def build_pairs(cfg: PairData, root: Path, *, base_dir: Path) -> dict:
@@ -335,8 +336,7 @@ def build_pairs(cfg: PairData, root: Path, *, base_dir: Path) -> dict:
     ``path``, ``cached``, ``key`` and ``inputs`` — what ``lm.results.PairDataset`` validates."""
     root = Path(root)
     inputs = dataset_inputs(cfg, base_dir)
-    entry = _cache(root).get_or_build(inputs, lambda tmp: _build(cfg, root, tmp, base_dir=Path(base_dir)))
-    return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "key": entry.key, "inputs": inputs}
+    return built_manifest(_cache(root), inputs, lambda tmp: _build(cfg, root, tmp, base_dir=Path(base_dir)))
 
 
 def _build(cfg: PairData, root: Path, tmp: Path, *, base_dir: Path) -> dict:
