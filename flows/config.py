@@ -31,6 +31,9 @@ from lm.config import (
     TrainConfig,
 )
 from lm.metrics import GATE_METRICS as METRICS
+from lm.seq2seq.config import DecodeConfig, LengthConfig
+from lm.seq2seq.metrics import HEADLINE as SEQ2SEQ_HEADLINE
+from lm.seq2seq.sources import PairData
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_FILE_BYTES = 1 << 20
@@ -49,7 +52,7 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{listing}")
 
 
-TASKS = ("language-model", "classification")
+TASKS = ("language-model", "classification", "seq2seq")
 INIT_URI = re.compile(r"^models:/(?P<name>[a-z0-9][a-z0-9._-]{0,62})(@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -374,11 +377,103 @@ class ClassifierSpec(_Spec):
         return f"classifier on {shape(self.model) if self.scratch else self.init_from}"
 
 
-AnySpec = Annotated[PipelineSpec | ClassifierSpec, Field(discriminator="task")]
+class Seq2SeqSpec(_Spec):
+    """A sequence-to-sequence pipeline (translation, summarization, question answering): (source, target) pairs →
+    the initialising model's tokenizer (or a new one) → a decoder read as a prefix LM, or an encoder–decoder
+    warm-started from a registered encoder and GPT → loss on targets, chrF/BLEU, ROUGE or exact match/F1 beside
+    the application's baseline → registry. The gate compares the application's headline metric."""
+
+    task: Literal["seq2seq"]
+    architecture: Literal["decoder", "encoder-decoder"] = "decoder"
+    """`decoder`: a causal LM (GPT or LSTM) reads `source <sep> target <eos>`, its loss on the target only;
+    `encoder-decoder`: a bidirectional encoder reads the source and a GPT decoder attends to it (cross-attention)."""
+    init_from: str = "scratch"
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION`: the registered language model the decoder starts from
+    (weights and tokenizer), or `scratch` (a fresh model described by `model` and `tokenizer`)."""
+    encoder_from: str | None = None
+    """encoder-decoder from registered models: the registered masked-LM encoder (same tokenizer as init_from)."""
+    data: PairData
+    tokenizer: TokenizerConfig | None = None
+    """Scratch only (default: char, learnt on the training pairs); an initialised model brings its own."""
+    model: ModelConfig | None = None
+    """Scratch only, required there: the decoder (gpt or lstm; an encoder-decoder's encoder has its shape)."""
+    lengths: LengthConfig = LengthConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, value: object) -> object:
+        """Scratch: `model.kind` gpt, `tokenizer.kind` char; the gate: the application's headline, higher better."""
+        if isinstance(value, dict):
+            value = dict(value)
+            if value.get("init_from", "scratch") == "scratch" and value.get("tokenizer") is None:
+                value["tokenizer"] = {"kind": "char"}
+            _default_kind(value, "model", "kind", "gpt")
+            _default_kind(value, "tokenizer", "kind", "char")
+            data, promote = value.get("data"), value.get("promote", {})
+            application = _application(data) if isinstance(data, dict) else "translation"
+            if isinstance(promote, dict):
+                value["promote"] = {"metric": f"val_{SEQ2SEQ_HEADLINE[application]}", "mode": "max", **promote}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Seq2SeqSpec:
+        encdec = self.architecture == "encoder-decoder"
+        if self.scratch:
+            if self.model is None:
+                raise ValueError("init_from: scratch needs a `model:` section (the decoder to build)")
+            if self.model.kind == "encoder":
+                raise ValueError("model.kind encoder cannot generate: use gpt or lstm (an encoder-decoder's "
+                                 "encoder takes the decoder's shape)")  # fmt: skip
+            if encdec and self.model.kind != "gpt":
+                raise ValueError(f"an encoder-decoder's decoder is a gpt, not {self.model.kind}")
+            if self.encoder_from is not None:
+                raise ValueError("encoder_from needs init_from (the decoder) too; or remove it to train from scratch")
+        else:
+            for key in ("init_from", "encoder_from"):
+                uri = getattr(self, key)
+                if uri is not None and not INIT_URI.match(uri):
+                    raise ValueError(f"{key} {uri!r} is not `models:/NAME@ALIAS` or `models:/NAME/VERSION`")
+            if encdec and self.encoder_from is None:
+                raise ValueError("architecture: encoder-decoder from registered models needs encoder_from "
+                                 "(a registered masked-LM encoder) beside init_from (the GPT decoder)")  # fmt: skip
+            if not encdec and self.encoder_from is not None:
+                raise ValueError("encoder_from is for architecture: encoder-decoder; remove it or set the architecture")
+            if self.model is not None or self.tokenizer is not None:
+                raise ValueError(
+                    f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
+                )
+        self._check_promote_metric("seq2seq", "seq2seq")
+        return self
+
+    @property
+    def scratch(self) -> bool:
+        return self.init_from == "scratch"
+
+    def model_summary(self) -> str:
+        source = shape(self.model) if self.scratch else self.init_from
+        return f"{self.architecture} seq2seq on {source}" + (f" + {self.encoder_from}" if self.encoder_from else "")
+
+
+PAIR_DATA = TypeAdapter(PairData)
+
+
+def _application(data: dict) -> str:
+    """The application a pairs source serves (for the default gate); an invalid source is reported by its own
+    validation, and gates translation's metric meanwhile."""
+    try:
+        return PAIR_DATA.validate_python(data).application
+    except ValidationError:
+        return "translation"
+
+
+AnySpec = Annotated[PipelineSpec | ClassifierSpec | Seq2SeqSpec, Field(discriminator="task")]
 SPEC = TypeAdapter(AnySpec)
 
 
-def validate_spec(value: dict | PipelineSpec | ClassifierSpec) -> PipelineSpec | ClassifierSpec:
+def validate_spec(
+    value: dict | PipelineSpec | ClassifierSpec | Seq2SeqSpec,
+) -> PipelineSpec | ClassifierSpec | Seq2SeqSpec:
     """A spec from its JSON form (as a deployment stores it); `task` defaults to language-model."""
     if isinstance(value, dict):
         return SPEC.validate_python({"task": "language-model", **value})
@@ -422,7 +517,7 @@ class PipelinesFile(Frozen):
             raise ValueError(f"{value!r} is not one of the pipelines {sorted(pipelines)}")
         return value
 
-    def get(self, name: str | None) -> PipelineSpec | ClassifierSpec:
+    def get(self, name: str | None) -> PipelineSpec | ClassifierSpec | Seq2SeqSpec:
         """The named pipeline (the default when None); KeyError names the available ones."""
         key = name or self.default
         if key not in self.pipelines:

@@ -25,7 +25,6 @@ from flows.registry import promotion
 from flows.registry import register as registry
 from flows.registry import reports as reporting
 from flows.registry.register import Registered
-from lm import package as packaging
 from lm import tasks as lm_tasks
 from lm.checkpoint import STEP_PREFIX, latest_checkpoint
 from lm.errors import DataError
@@ -74,8 +73,11 @@ def init_model(spec: AnySpec, workdir: str) -> Init:
     """Resolve and download the registered model the pipeline starts from (reused when already here)."""
     task = task_of(spec)
     init = registry.init_model(task.init_from(), Path(workdir) / "init")
-    task.check_init(init.requested, packaging.read_config(init.package))
-    get_run_logger().info("init: %s is version %s (run %s)", init.requested, init.version, init.run_id)
+    parts = {role: registry.init_model(uri, Path(workdir) / "init") for role, uri in task.init_parts().items()}
+    init = init.model_copy(update={"parts": parts}) if parts else init
+    task.check_init(init)
+    for each in [init, *parts.values()]:
+        get_run_logger().info("init: %s is version %s (run %s)", each.requested, each.version, each.run_id)
     return init
 
 

@@ -15,6 +15,7 @@ from numbers import Integral, Real
 MAX_SEED = 2**64 - 1
 """torch's generators take seeds up to 2**64 - 1."""
 MAX_STOP_CHARS = 256
+MAX_BEAMS = 16
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,16 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int = 0
     stop: str = ""
+    num_beams: int = 1
+    """Beam search width (seq2seq models; 1: greedy or sampling)."""
+    length_penalty: float = 1.0
+    """Beam search ranks finished outputs by log-probability / length ** length_penalty."""
 
     @classmethod
-    def parse(cls, raw: Mapping[str, object] | None, limits: GenerationLimits | None = None) -> GenerationParams:
-        """Check a caller's params (missing ones take the defaults) against ``limits``; raises ``ValueError``
-        with a one-line message at the first violation."""
+    def parse(cls, raw: Mapping[str, object] | None, limits: GenerationLimits | None = None,
+              defaults: Mapping[str, object] | None = None) -> GenerationParams:  # fmt: skip
+        """Check a caller's params (missing ones take ``defaults``, else the class's) against ``limits``; raises
+        ``ValueError`` with a one-line message at the first violation."""
         limits = limits or GenerationLimits()
         if raw is None:
             raw = {}
@@ -58,7 +64,7 @@ class GenerationParams:
         for key in raw:
             if key not in allowed:
                 raise ValueError(f"unknown param {_shown(key)}: the params are {', '.join(allowed)}")
-        defaults = asdict(cls())
+        defaults = asdict(cls()) | dict(defaults or {})
         defaults["max_new_tokens"] = min(defaults["max_new_tokens"], limits.max_new_tokens)  # under a low cap
         p = defaults | dict(raw)
         return cls(
@@ -68,6 +74,8 @@ class GenerationParams:
             top_p=_real("top_p", p["top_p"], 0.0, 1.0, open_low=True),
             seed=_integer("seed", p["seed"], 0, MAX_SEED),
             stop=_string("stop", p["stop"], MAX_STOP_CHARS),
+            num_beams=_integer("num_beams", p["num_beams"], 1, MAX_BEAMS),
+            length_penalty=_real("length_penalty", p["length_penalty"], 0.0, 4.0),
         )
 
     def as_dict(self) -> dict[str, int | float | str]:

@@ -9,6 +9,7 @@ that record.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,27 +107,27 @@ def plan(
     return stages + _rest(None, None, resume)
 
 
-def plan_classification(
-    pipeline: str, data_cfg, *, init_from: str, workdir: Path, base_dir: Path, resume: PendingResume | None = None
-) -> list[StagePlan]:
-    """``plan`` for a classification pipeline: the labelled examples are explained like a corpus; the
-    tokenize stage depends on the initialising model, which only a run resolves."""
-    from lm.classification import data as labelled
-
-    workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
-    init = [] if init_from == "scratch" else [StagePlan("init-model", "run", f"resolves {init_from} in the registry")]
+def plan_examples(
+    pipeline: str, data: Callable[[], dict], cached: Callable[[str], dict | None], *, what: str, init_from: list[str],
+    workdir: Path, resume: PendingResume | None = None,
+) -> list[StagePlan]:  # fmt: skip
+    """``plan`` for a pipeline of examples (a classifier's labelled texts, a seq2seq task's pairs): the data is
+    explained like a corpus (``data()``: its inputs now; ``cached(key)``: the manifest cached under that key); the
+    tokenize stage depends on the initialising models (``init_from``), which only a run resolves."""
+    last = last_success(Path(workdir), pipeline) or {}
+    init = [StagePlan("init-model", "run", f"resolves {', '.join(init_from)} in the registry")] if init_from else []
     try:
-        now = labelled.dataset_inputs(data_cfg, Path(base_dir))
+        now = data()
     except (OSError, ValueError) as e:
         return init + [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
-    hit = labelled.cached_dataset(workdir / "labelled", inputs_key(now))
+    hit = cached(inputs_key(now))
     if hit is None:
-        why = changes(last.get("ingest"), now) or ["cached examples missing or altered on disk"]
+        why = changes(last.get("ingest"), now) or [f"cached {what} missing or altered on disk"]
         return init + [StagePlan("ingest", "run", "; ".join(why))] + _rest("tokenize", "depends on ingest", resume)
-    tokenize = "reused when the examples and the tokenizer (the init model's, or one trained here) are unchanged"
+    tokenize = f"reused when the {what} and the tokenizer (the init model's, or one trained here) are unchanged"
     return (
         init
-        + [StagePlan("ingest", "cached", f"digest {hit['digest'][:12]}…, examples {hit['examples']}")]
+        + [StagePlan("ingest", "cached", f"digest {hit['digest'][:12]}…, {what} {hit[what]}")]
         + _rest("tokenize", tokenize, resume)
     )
 

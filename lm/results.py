@@ -126,6 +126,25 @@ class EncodedExamples(Encoded):
         return self.examples
 
 
+class EncodedPairs(Encoded):
+    """Each split's pairs as padded source and target ids with their lengths (``<split>.safetensors``)."""
+
+    dataset_path: str
+    tokenizer_source: str
+    application: str
+    pairs: dict[str, int]
+    truncated: dict[str, dict[str, int]]
+    """Pairs per split whose ``source`` / ``target`` lost tokens to the length limits."""
+    unknown: dict[str, float] = {}
+    """Per split, the fraction of target characters the tokenizer cannot write (a char tokenizer's unknown id)."""
+    lengths: dict[str, int | None]
+    """``max_source``, ``max_target`` and ``total`` (a decoder's context, None for an encoder–decoder)."""
+    target_lang: str | None = None
+
+    def sizes(self) -> dict:
+        return self.pairs
+
+
 class Init(Result):
     """The registered model a pipeline starts from, downloaded."""
 
@@ -139,6 +158,8 @@ class Init(Result):
     model: dict
     """The package's architecture (config.json's ``model``)."""
     vocab_size: int
+    parts: dict[str, Init] = {}
+    """Further models started from, by role (an encoder–decoder's ``encoder``)."""
 
 
 class Package(Result):

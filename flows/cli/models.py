@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.common import WORK_DIR, console, fail
-from lm.metrics import HEADLINE, METRICS, PER_TASK_OBJECTIVE, RENAMED, TASKS, describe, metric
+from lm.metrics import GATE_METRICS, HEADLINE, METRICS, PER_TASK_OBJECTIVE, RENAMED, TASKS, describe, metric
 
 COMPARE_COLUMNS = {  # column → (source in mlflow.search_runs, format); metric columns come from lm.metrics
     "pipeline": ("tags.pipeline", "{}"),
@@ -42,7 +42,7 @@ TAIL_COLUMNS = {
 }
 COMPARE_METRICS = (  # shown by default, each task's headline first; --sort/--where add the metric they name
     "val_bpc", "val_loss", "val_accuracy", "val_mlm_loss", "val_macro_f1", "val_label_accuracy",
-    "val_loss_per_example", "val_baseline_macro_f1",
+    "val_loss_per_example", "val_baseline_macro_f1", "val_chrf", "val_rougeL", "val_exact_match", "val_target_loss",
 )  # fmt: skip
 DIGEST_CHARS = 12
 SEARCH_CAP = 5000  # runs read when --where/--sort choose among more than the most recent --limit
@@ -400,9 +400,11 @@ def _promote_config(name: str, version_tags: dict, config: Path):
         return load_pipelines(config).get(name)
     except (ConfigError, KeyError, OSError):
         task = next((t for t, m in HEADLINE.items() if m in version_tags), "causal")
-        if version_tags.get("task") == "classification":
-            task = "classification"
-        return PromoteConfig(metric=HEADLINE[task], mode=METRICS[HEADLINE[task]].better)
+        if version_tags.get("task") in ("classification", "seq2seq"):
+            task = version_tags["task"]
+        # a seq2seq version's headline is its application's (chrF, ROUGE-L or exact match): the first it logged
+        metric = next((m for m in GATE_METRICS.get(task, ()) if m in version_tags), HEADLINE[task])
+        return PromoteConfig(metric=metric, mode=METRICS[metric].better)
 
 
 def promote(
@@ -416,7 +418,7 @@ def promote(
 ) -> None:
     """Run the promotion gate for a version against @champion and move the aliases if it passes (under the
     model's promotion lock; every decision is appended to the version's history)."""
-    from flows.config import ClassifierSpec, PipelineSpec
+    from flows.config import ClassifierSpec, PipelineSpec, Seq2SeqSpec
     from flows.registry import promotion
     from flows.registry import register as registry
 
@@ -430,7 +432,7 @@ def promote(
     if target is None:
         raise fail(f"registered model {model!r} has no @challenger; pass --version N")
     found = _promote_config(model, target.tags, config)
-    spec = found if isinstance(found, PipelineSpec | ClassifierSpec) else None
+    spec = found if isinstance(found, PipelineSpec | ClassifierSpec | Seq2SeqSpec) else None
     gate = spec.promote if spec else found
     evaluate = None
     if spec is not None:  # the champion re-scored on the challenger's data, when it is still in the work directory

@@ -26,7 +26,7 @@ from prefect.utilities.callables import ParameterSchema
 from pydantic import ValidationError
 
 from flows import tasks
-from flows.config import ClassifierSpec, ConfigError, PipelineSpec, load_pipelines
+from flows.config import ClassifierSpec, ConfigError, PipelineSpec, Seq2SeqSpec, load_pipelines
 
 TAG = "lm-pipelines"
 SCHEDULE_KEYS = ("train.max_steps",)
@@ -60,7 +60,7 @@ def _overridable(key: str) -> bool:
     return key.startswith(OVERRIDABLE) and not key.startswith(NEVER) and "path" not in leaf and "outside" not in leaf
 
 
-def allowed_overrides(spec: PipelineSpec | ClassifierSpec) -> tuple[str, ...]:
+def allowed_overrides(spec: PipelineSpec | ClassifierSpec | Seq2SeqSpec) -> tuple[str, ...]:
     """The dotted keys a scheduled run of ``spec`` may override (sorted)."""
     own = spec.schedule.parameters if spec.schedule is not None else {}
     return tuple(sorted(key for key in {*own, *SCHEDULE_KEYS} if _overridable(key)))
@@ -68,7 +68,7 @@ def allowed_overrides(spec: PipelineSpec | ClassifierSpec) -> tuple[str, ...]:
 
 def resolve(
     pipeline: str, overrides: dict, config: Path | str, deployment: str | None = None
-) -> PipelineSpec | ClassifierSpec:
+) -> PipelineSpec | ClassifierSpec | Seq2SeqSpec:
     """The spec a scheduled run of ``pipeline`` with ``overrides`` runs, read from ``config`` now; raises Refused."""
     if deployment is not None and deployment != pipeline:
         raise Refused(f"deployment {deployment!r} runs pipeline {deployment!r} only, not {pipeline!r}")
@@ -96,7 +96,7 @@ def resolve(
         raise Refused(f"override values make an invalid pipeline: {where}") from None
 
 
-def _run_pipeline(spec: PipelineSpec | ClassifierSpec, workdir: str, base_dir: str) -> dict:
+def _run_pipeline(spec: PipelineSpec | ClassifierSpec | Seq2SeqSpec, workdir: str, base_dir: str) -> dict:
     """The pipeline's flow body, run inside this flow run (one flow run per scheduled run, named as `lmp run`'s)."""
     from flows.pipeline import lm_pipeline
 
@@ -132,7 +132,7 @@ def _closed_schema(deployment):
     return deployment
 
 
-def deployments(specs: list[PipelineSpec | ClassifierSpec]) -> list:
+def deployments(specs: list[PipelineSpec | ClassifierSpec | Seq2SeqSpec]) -> list:
     """A RunnerDeployment per spec (each must have a schedule): its pipeline's name is its only parameter, and
     Prefect refuses a run with other parameters (another name, a `spec`, an ill-typed override) when it is made."""
     from prefect.schedules import Cron, Interval

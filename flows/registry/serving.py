@@ -136,7 +136,7 @@ def _pass_params_through() -> None:
 
     def enforce(params, schema):
         names = {p.name for p in schema.params} if schema is not None else set()
-        if names == set(GENERATION_DEFAULTS):
+        if names and names <= set(GENERATION_DEFAULTS):  # this package's (older ones lack the newer params)
             return params
         return original(params, schema)
 
@@ -178,14 +178,36 @@ class LanguageModelPackage(PythonModel):
 
         try:
             prompts = check_prompts(_values(model_input), self.limits)
-            p = GenerationParams.parse(params, self.limits)
+            p = GenerationParams.parse(params, self.limits, self.config.get("served_params"))
+            if p.num_beams > 1 and self.model.objective != "seq2seq":
+                raise ValueError("param num_beams: beam search is for seq2seq models; this one samples (num_beams 1)")
+            if p.num_beams > 1 and p.temperature > 0:
+                raise ValueError("param num_beams: beam search is deterministic; send temperature 0 or num_beams 1")
         except ValueError as e:
             raise RequestError(str(e)) from None
         if self.model.objective == "classification":
             return self._classify(prompts)
         if self.model.objective == "mlm":
             return [self._features(text) for text in prompts]
+        if self.model.objective == "seq2seq":
+            return self._transduce(prompts, p)
         return self._generate(prompts, p)
+
+    def _transduce(self, sources: list[str], p: GenerationParams) -> list[str]:
+        """Each source's generated target (translation, summary, answer), all within one time budget."""
+        from lm.seq2seq.decoding import decode
+        from lm.seq2seq.stages import source_ids
+
+        start, budget, outputs = time.monotonic(), self.limits.max_seconds, []
+        for text in sources:
+            left = 0.0 if _shutting_down() else budget - (time.monotonic() - start)
+            ids = decode(
+                self.model, source_ids(self.tokenizer, text, self.config, p.max_new_tokens),
+                max_new_tokens=p.max_new_tokens, num_beams=p.num_beams, length_penalty=p.length_penalty,
+                temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p, seed=p.seed, max_seconds=left,
+            )  # fmt: skip
+            outputs.append(self.tokenizer.decode([t for t in ids if t < self.model.base_vocab]))
+        return outputs
 
     def _generate(self, prompts: list[str], p: GenerationParams) -> list[str]:
         """Each prompt plus its continuation, all within one time budget: a prompt reached after the budget

@@ -43,6 +43,13 @@ class KVCache:
         self.layers[layer] = (k, v)
         return k, v
 
+    def select(self, index: torch.Tensor) -> KVCache:
+        """A cache of the batch rows ``index`` (beam search keeps, drops and copies rows)."""
+        chosen = KVCache(len(self.layers))
+        chosen.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+        chosen.length = self.length
+        return chosen
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention; ``causal`` masks the future (decoder) or not (encoder).
@@ -178,6 +185,19 @@ class Transformer(nn.Module):
         True for real tokens; padding is then never attended to."""
         return self._hidden(tokens, key_mask=key_mask)
 
+    def embed(self, tokens: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, tuple | None]:
+        """The trunk's input for ``tokens`` (B, T) at positions ``offset…``: embeddings (B, T, C) after dropout,
+        and the rotary tables the blocks apply (None with learned positions, which are added here)."""
+        T = tokens.shape[1]
+        x = self.token_embedding(tokens)  # (B, T, C)
+        rope = None
+        if self.rotary:
+            cos, sin = rotary_tables(offset + T, self.cfg.embed_dim // self.cfg.num_heads, tokens.device)
+            rope = (cos[offset:], sin[offset:])
+        else:
+            x = x + self.position_embedding(torch.arange(offset, offset + T, device=tokens.device))
+        return self.dropout(x), rope
+
     def _hidden(
         self, tokens: torch.Tensor, cache: KVCache | None = None, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -187,14 +207,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {offset + T} exceeds context_length {self.context_length}")
         if cache is not None and offset and T > 1:
             raise ValueError("a KV cache is extended one token at a time after the prompt")
-        x = self.token_embedding(tokens)  # (B, T, C)
-        rope = None
-        if self.rotary:
-            cos, sin = rotary_tables(offset + T, self.cfg.embed_dim // self.cfg.num_heads, tokens.device)
-            rope = (cos[offset:], sin[offset:])
-        else:
-            x = x + self.position_embedding(torch.arange(offset, offset + T, device=tokens.device))
-        x = self.dropout(x)
+        x, rope = self.embed(tokens, offset)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, key_mask)
         if cache is not None:

@@ -13,6 +13,7 @@ import importlib
 TASKS = {
     "language-model": "lm.tasks.language_model:LanguageModel",
     "classification": "lm.tasks.classification:Classification",
+    "seq2seq": "lm.tasks.seq2seq:Seq2SeqTask",
 }
 
 

@@ -31,8 +31,12 @@ class Task(Protocol):
     def init_from(self) -> str | None:
         """The registered model this pipeline starts from (``models:/NAME@ALIAS``), None from scratch."""
 
-    def check_init(self, requested: str, config: dict) -> None:
-        """Refuse (DataError) an initialising package this task cannot start from."""
+    def init_parts(self) -> dict[str, str]:
+        """Further registered models the task starts from, by role (an encoder–decoder's ``encoder``); each is
+        resolved into ``Init.parts`` beside ``init_from``'s."""
+
+    def check_init(self, init: Init) -> None:
+        """Refuse (DataError) initialising packages (``init`` and its ``parts``) this task cannot start from."""
 
     def prepare(self, root: Path, *, base_dir: Path) -> Prepared:
         """Ingest: read, clean, split (cached by content under ``root``)."""

@@ -46,10 +46,13 @@ class Classification:
     def init_from(self) -> str | None:
         return None if self.spec.scratch else self.spec.init_from
 
-    def check_init(self, requested: str, config: dict) -> None:
-        task = packaging.task_name(config)
+    def init_parts(self) -> dict[str, str]:
+        return {}
+
+    def check_init(self, init: Init) -> None:
+        task = packaging.task_name(packaging.read_config(init.package))
         if task != "language-model":
-            raise DataError(f"init_from {requested} is a {task} model; initialise from a language model")
+            raise DataError(f"init_from {init.requested} is a {task} model; initialise from a language model")
 
     def prepare(self, root: Path, *, base_dir: Path) -> LabelledDataset:
         return stages.prepare(self.spec.data, root, base_dir=base_dir)
@@ -175,9 +178,10 @@ class Classification:
         return stages.evaluate_package(package, data_path, runtime, batch_size=self.spec.train.batch_size)
 
     def plan(self, workdir: Path, base_dir: Path, resume) -> list:
-        return planning.plan_classification(
-            self.spec.name, self.spec.data, init_from=self.spec.init_from, workdir=workdir, base_dir=base_dir,
-            resume=resume,
+        return planning.plan_examples(
+            self.spec.name, lambda: labelled.dataset_inputs(self.spec.data, Path(base_dir)),
+            lambda key: labelled.cached_dataset(Path(workdir) / self.data_root, key), what="examples",
+            init_from=[] if self.spec.scratch else [self.spec.init_from], workdir=workdir, resume=resume,
         )  # fmt: skip
 
     @staticmethod

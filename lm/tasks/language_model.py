@@ -42,8 +42,11 @@ class LanguageModel:
     def init_from(self) -> str | None:
         return None
 
-    def check_init(self, requested: str, config: dict) -> None:
-        raise DataError(f"init_from {requested}: a language-model pipeline trains from scratch")
+    def init_parts(self) -> dict[str, str]:
+        return {}
+
+    def check_init(self, init: Init) -> None:
+        raise DataError(f"init_from {init.requested}: a language-model pipeline trains from scratch")
 
     def prepare(self, root: Path, *, base_dir: Path) -> Corpus:
         return stages.ingest(self.spec.data, root, base_dir=base_dir, context_length=self.spec.model.context_length)
