@@ -480,17 +480,27 @@ def rollback(
 
 def generate(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION (or runs:/…).")],
-    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (1 to LMP_MAX_NEW_TOKENS_CAP, 4096).")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="0: no top-k filter.")] = 40,
-    top_p: Annotated[float, typer.Option(help="1.0: no nucleus filter.")] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    stop: Annotated[str, typer.Option(help="End at (and include) this string.")] = "",
+    prompt: Annotated[str, typer.Argument(help="Text to continue (seq2seq: to translate, summarise …).")],
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens to generate (1 to LMP_MAX_NEW_TOKENS_CAP, 4096; default 200, a seq2seq model's own)."
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 is greedy (default 0.8; a seq2seq model decodes as it was evaluated).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="0: no top-k filter (default 40).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="1.0: no nucleus filter.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[str | None, typer.Option(help="End at (and include) this string.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (seq2seq models).")] = None,
+    length_penalty: Annotated[float | None, typer.Option(help="Beam search: score / length ** this.")] = None,
 ) -> None:
-    """Load a registered model (pickle-free pyfunc) and print its continuation of PROMPT. The served model's
-    limits apply (LMP_MAX_NEW_TOKENS_CAP, LMP_GENERATION_SECONDS, LMP_MAX_PROMPT_CHARS): a param out of range
-    is refused (exit 2), and generation stops at the time budget with what it has."""
+    """Load a registered model (pickle-free pyfunc) and print its continuation of PROMPT, or a seq2seq model's
+    output for it. Params left out take the model's defaults. The served model's limits apply
+    (LMP_MAX_NEW_TOKENS_CAP, LMP_GENERATION_SECONDS, LMP_MAX_PROMPT_CHARS): a param out of range is refused
+    (exit 2), and generation stops at the time budget with what it has."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -503,8 +513,9 @@ def generate(
         loaded = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
         raise fail(f"cannot load {model_uri}: {str(e).splitlines()[0]}") from None
-    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    params |= {"seed": seed, "stop": stop}
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "seed": seed, "stop": stop, "num_beams": num_beams, "length_penalty": length_penalty}  # fmt: skip
+    params = {key: value for key, value in given.items() if value is not None}
     # A model that takes no generation params (a classifier, an encoder) answers the text alone: passing them
     # would only make MLflow warn that it ignores them.
     takes_params = loaded.metadata.get_params_schema() is not None

@@ -287,9 +287,11 @@ def build_seq2seq(architecture: str, model: ModelConfig, base_vocab: int, encode
 
 
 def warm_start(module: nn.Module, weights, *, what: str) -> None:
-    """Copy a registered model's weights (a safetensors file) into ``module``; a tensor ``module`` has more rows
-    of (the two special ids) keeps its new rows. Anything else that does not match is a DataError naming it."""
+    """Copy a registered model's weights (a safetensors file) into ``module``; a token table (rows = the module's
+    ``vocab_size``) with two rows more than saved (the special ids) keeps its new rows. Anything else that does
+    not match is a DataError naming it."""
     saved = load_file(str(weights))
+    vocab = getattr(module, "vocab_size", None)
     groups: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)  # tied weights: saved under one of their names
@@ -304,7 +306,7 @@ def warm_start(module: nn.Module, weights, *, what: str) -> None:
             used.update(n for n in names if n in saved)
             if target.shape == source.shape:
                 target.copy_(source)
-            elif target.shape[1:] == source.shape[1:] and target.shape[0] == source.shape[0] + SPECIAL:
+            elif target.shape[0] == vocab == source.shape[0] + SPECIAL and target.shape[1:] == source.shape[1:]:
                 target[: source.shape[0]].copy_(source)
             else:
                 raise DataError(
