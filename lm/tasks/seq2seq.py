@@ -68,7 +68,7 @@ class Seq2SeqTask:
                     "a masked-LM encoder cannot generate: use it as encoder_from of an architecture: encoder-decoder "
                     "pipeline" if kind == "encoder" else f"register a {' or '.join(wanted)} model and start from it"
                 )  # fmt: skip
-                raise DataError(f"{role} {each.requested} is a {kind} model, not {' or '.join(wanted)}: {hint}")
+                raise DataError(f"{role} {each.requested} has model.kind {kind}, not {' or '.join(wanted)}: {hint}")
         if "encoder" in init.parts:
             encoder = init.parts["encoder"]
             mine, theirs = sha256_file(Path(init.package.tokenizer)), sha256_file(Path(encoder.package.tokenizer))
