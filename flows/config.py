@@ -30,9 +30,9 @@ from lm.config import (
     TokenizerConfig,
     TrainConfig,
 )
+from lm.metrics import APPLICATION_HEADLINE
 from lm.metrics import GATE_METRICS as METRICS
 from lm.seq2seq.config import DecodeConfig, LengthConfig
-from lm.seq2seq.metrics import HEADLINE as SEQ2SEQ_HEADLINE
 from lm.seq2seq.sources import PairData
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -413,7 +413,7 @@ class Seq2SeqSpec(_Spec):
             data, promote = value.get("data"), value.get("promote", {})
             application = _application(data) if isinstance(data, dict) else "translation"
             if isinstance(promote, dict):
-                value["promote"] = {"metric": f"val_{SEQ2SEQ_HEADLINE[application]}", "mode": "max", **promote}
+                value["promote"] = {"metric": APPLICATION_HEADLINE[application], "mode": "max", **promote}
         return value
 
     @model_validator(mode="after")

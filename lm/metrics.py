@@ -116,6 +116,13 @@ PER_TASK_OBJECTIVE = ("train_loss", "val_loss_estimate")
 HEADLINE = {"causal": "val_bpc", "mlm": "val_mlm_loss", "classification": "val_macro_f1", "seq2seq": "val_chrf"}
 """Each task's headline metric (the default promotion gate; first in summaries)."""
 
+APPLICATION_HEADLINE = {
+    "translation": "val_chrf",
+    "summarization": "val_rougeL",
+    "question-answering": "val_exact_match",
+}
+"""A seq2seq pipeline's headline metric (its default gate) by application."""
+
 GATE_METRICS = {
     "causal": ("val_bpc", "val_loss", "val_perplexity"),
     "mlm": ("val_mlm_loss", "val_mlm_perplexity"),

@@ -14,13 +14,13 @@ from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import version
 
-from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU, CHRF
+from lm.metrics import APPLICATION_HEADLINE
 
-APPLICATIONS = ("translation", "summarization", "question-answering")
+APPLICATIONS = tuple(APPLICATION_HEADLINE)
 
-HEADLINE = {"translation": "chrf", "summarization": "rougeL", "question-answering": "exact_match"}
-"""Each application's gate metric (unprefixed)."""
+HEADLINE = {application: name.removeprefix("val_") for application, name in APPLICATION_HEADLINE.items()}
+"""Each application's gate metric (unprefixed). The libraries are imported when a metric is computed: reading
+pipelines.yaml imports none of them."""
 
 Scores = tuple[dict[str, float], dict[str, str]]
 
@@ -39,6 +39,8 @@ def translation(hypotheses: list[str], references: list[str], target_lang: str |
     """Corpus BLEU and chrF (sacrebleu defaults, one reference each); BLEU with sacrebleu's ``zh`` tokenizer
     when ``target_lang`` is ``"zh"`` (13a otherwise, whose whitespace split would make a Chinese line one word)."""
     _check("translation", hypotheses, references)
+    from sacrebleu.metrics import BLEU, CHRF
+
     bleu = BLEU(tokenize="zh" if target_lang == "zh" else None)
     chrf = CHRF()
     metrics = {
@@ -56,6 +58,8 @@ def summarization(hypotheses: list[str], references: list[str]) -> Scores:
     """
     _check("summarization", hypotheses, references)
     names = ("rouge1", "rouge2", "rougeL")
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)
     totals = dict.fromkeys(names, 0.0)
     for hypothesis, reference in zip(hypotheses, references, strict=True):

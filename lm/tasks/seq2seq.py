@@ -215,7 +215,8 @@ class Seq2SeqTask:
                 (
                     "tokenizer",
                     f"{encoded.tokenizer_source}, {encoded.vocab_size} ids + separator and end, digest "
-                    f"`{encoded.tokenizer_digest[:12]}`",
+                    f"`{encoded.tokenizer_digest[:12]}`; it cannot write {encoded.unknown.get('train', 0.0):.1%} of "
+                    "the training targets' characters",
                 ),  # fmt: skip
                 ("data", f"{spec.data.source}, digest `{encoded.data_digest[:12]}`, pairs {encoded.pairs}"),
                 ("lengths", f"{encoded.lengths}; pairs cut — {cut}"),

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.config import ClassifierSpec, ConfigError, PipelineSpec, load_pipelines, parse_pipelines
+from flows.config import ClassifierSpec, ConfigError, PipelineSpec, Seq2SeqSpec, load_pipelines, parse_pipelines
 from lm.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,10 +16,10 @@ SHIPPED = load_pipelines(ROOT / "pipelines.yaml")
 @pytest.mark.parametrize("name", sorted(SHIPPED.pipelines))
 def test_every_shipped_pipeline_validates_and_builds_its_model(name):
     spec = SHIPPED.get(name)
-    assert isinstance(spec, PipelineSpec | ClassifierSpec) and spec.name == name
+    assert isinstance(spec, PipelineSpec | ClassifierSpec | Seq2SeqSpec) and spec.name == name
     assert spec.description
-    if spec.model is None:  # a classifier initialised from a registered model: its architecture comes from there
-        assert spec.task == "classification" and spec.init_from.startswith("models:/")
+    if spec.model is None:  # initialised from a registered model: its architecture comes from there
+        assert spec.task in ("classification", "seq2seq") and spec.init_from.startswith("models:/")
         return
     model = build_model(spec.model, vocab_size=80)
     assert model.context_length == spec.model.context_length
