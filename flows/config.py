@@ -277,6 +277,20 @@ def _default_kind(value: dict, section: str, key: str, default: str) -> None:
         value[section] = {key: default, **value[section]}
 
 
+def _initialised_defaults(value: dict, gate: str) -> dict:
+    """A pipeline that may start from a registered model: from scratch, `tokenizer.kind` char and `model.kind`
+    gpt by default; the gate compares ``gate``, higher is better, unless `promote:` says otherwise."""
+    value = dict(value)
+    if value.get("init_from", "scratch") == "scratch" and value.get("tokenizer") is None:
+        value["tokenizer"] = {"kind": "char"}
+    _default_kind(value, "model", "kind", "gpt")
+    _default_kind(value, "tokenizer", "kind", "char")
+    promote = value.get("promote", {})
+    if isinstance(promote, dict):
+        value["promote"] = {"metric": gate, "mode": "max", **promote}
+    return value
+
+
 class PipelineSpec(_Spec):
     """A language-model pipeline: data → tokenizer → model → training → evaluation → registry."""
 
@@ -338,16 +352,7 @@ class ClassifierSpec(_Spec):
     @classmethod
     def _defaults(cls, value: object) -> object:
         """Scratch: `model.kind` gpt, `tokenizer.kind` char; the gate defaults to macro-F1, higher is better."""
-        if isinstance(value, dict):
-            value = dict(value)
-            if value.get("init_from", "scratch") == "scratch" and value.get("tokenizer") is None:
-                value["tokenizer"] = {"kind": "char"}
-            _default_kind(value, "model", "kind", "gpt")
-            _default_kind(value, "tokenizer", "kind", "char")
-            promote = value.get("promote", {})
-            if isinstance(promote, dict):
-                value["promote"] = {"metric": "val_macro_f1", "mode": "max", **promote}
-        return value
+        return _initialised_defaults(value, "val_macro_f1") if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> ClassifierSpec:
@@ -404,17 +409,11 @@ class Seq2SeqSpec(_Spec):
     @classmethod
     def _defaults(cls, value: object) -> object:
         """Scratch: `model.kind` gpt, `tokenizer.kind` char; the gate: the application's headline, higher better."""
-        if isinstance(value, dict):
-            value = dict(value)
-            if value.get("init_from", "scratch") == "scratch" and value.get("tokenizer") is None:
-                value["tokenizer"] = {"kind": "char"}
-            _default_kind(value, "model", "kind", "gpt")
-            _default_kind(value, "tokenizer", "kind", "char")
-            data, promote = value.get("data"), value.get("promote", {})
-            application = _application(data) if isinstance(data, dict) else "translation"
-            if isinstance(promote, dict):
-                value["promote"] = {"metric": APPLICATION_HEADLINE[application], "mode": "max", **promote}
-        return value
+        if not isinstance(value, dict):
+            return value
+        data = value.get("data")
+        return _initialised_defaults(value, APPLICATION_HEADLINE[_application(data) if isinstance(data, dict) else
+                                                                 "translation"])  # fmt: skip
 
     @model_validator(mode="after")
     def _consistent(self) -> Seq2SeqSpec:

@@ -19,6 +19,19 @@ from lm.results import Encoded, Evaluation, Init, Package, Prepared, Served, Tra
 from lm.runtime import Runtime
 
 
+def init_tags(init: Init | None) -> dict[str, str]:
+    """Tags naming the registered models a pipeline started from: ``lmp.init_*`` (``init_from``) and
+    ``lmp.<role>_*`` for each of its parts (an encoder–decoder's ``encoder``); ``scratch`` without one."""
+    if init is None:
+        return {"lmp.init_from": "scratch"}
+    tags = {"lmp.init_from": init.requested, "lmp.init_model": init.uri, "lmp.init_run_id": init.run_id or "",
+            "lmp.init_weights_digest": init.weights_digest}  # fmt: skip
+    for role, part in init.parts.items():
+        tags |= {f"lmp.{role}_from": part.requested, f"lmp.{role}_model": part.uri,
+                 f"lmp.{role}_weights_digest": part.weights_digest}  # fmt: skip
+    return tags
+
+
 class Task(Protocol):
     name: ClassVar[str]
     data_root: ClassVar[str]

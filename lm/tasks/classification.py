@@ -24,6 +24,7 @@ from lm.errors import DataError
 from lm.report import Card, DatasetRecord, Table, code_block, shape
 from lm.results import Encoded, EncodedExamples, Evaluation, Init, LabelledDataset, Package, Served, Trained
 from lm.runtime import Runtime
+from lm.tasks.base import init_tags
 
 HEADLINE = (
     "val_macro_f1", "val_label_accuracy", "val_baseline_macro_f1", "val_baseline_label_accuracy",
@@ -88,14 +89,7 @@ class Classification:
         return flatten({"model": init.model}) | {"tokenizer.kind": encoded.tokenizer_source}
 
     def lineage_tags(self, init: Init | None) -> dict[str, str]:
-        if init is None:
-            return {"lmp.init_from": "scratch"}
-        return {
-            "lmp.init_from": init.requested,
-            "lmp.init_model": init.uri,
-            "lmp.init_run_id": init.run_id or "",
-            "lmp.init_weights_digest": init.weights_digest,
-        }
+        return init_tags(init)
 
     # ------------------------------------------------------------------ model
     def fit(self, encoded: EncodedExamples, init: Init | None, out: Path, *, on_start: Callable | None = None,

@@ -24,6 +24,7 @@ from lm.runtime import Runtime
 from lm.seq2seq import data as pairdata
 from lm.seq2seq import stages
 from lm.seq2seq.model import build_seq2seq, encoder_config, warm_start
+from lm.tasks.base import init_tags
 
 HEADLINE = (
     "val_chrf", "val_bleu", "val_baseline_chrf", "val_rougeL", "val_rouge1", "val_rouge2", "val_baseline_rougeL",
@@ -129,14 +130,7 @@ class Seq2SeqTask:
         return arch | lengths | cut | {"application": encoded.application}
 
     def lineage_tags(self, init: Init | None) -> dict[str, str]:
-        if init is None:
-            return {"lmp.init_from": "scratch", "task": self.name}
-        tags = {"lmp.init_from": init.requested, "lmp.init_model": init.uri, "lmp.init_run_id": init.run_id or "",
-                "lmp.init_weights_digest": init.weights_digest, "task": self.name}  # fmt: skip
-        for role, part in init.parts.items():
-            tags |= {f"lmp.{role}_from": part.requested, f"lmp.{role}_model": part.uri,
-                     f"lmp.{role}_weights_digest": part.weights_digest}  # fmt: skip
-        return tags
+        return init_tags(init) | {"task": self.name}
 
     # ------------------------------------------------------------------ model
     def model(self, encoded: EncodedPairs, init: Init | None):

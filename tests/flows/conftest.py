@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.flows.helpers import build_store, use_store
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,28 +39,13 @@ def store_dir(prefect_harness, tmp_path_factory):
     """One embedded store with a GPT and an LSTM language model and a genre classifier fine-tuned from the
     GPT (smoke-genre, init_from models:/smoke@champion), each run once; yields its directory. Built against
     its own store whatever an earlier test left in MLflow or MLFLOW_TRACKING_URI."""
-    import mlflow
-
-    from flows import tracking
     from flows.config import load_pipelines
-    from flows.pipeline import lm_pipeline
 
-    path, cwd = tmp_path_factory.mktemp("store"), Path.cwd()
-    exported = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(path)
-    tracking.configure_uri(tracking.default_tracking_uri(path))
     shipped = load_pipelines(ROOT / "pipelines.yaml")
     smoke = shipped.get("smoke")
     lstm_model = {"kind": "lstm", "num_layers": 1, "embed_dim": 16, "hidden_dim": 32, "context_length": 32}
     lstm = smoke.overridden({"name": "smoke-lstm", "model": lstm_model})
-    try:
-        for spec in (smoke, lstm, shipped.get("smoke-genre")):
-            lm_pipeline(spec, workdir=str(path / ".lmp"))
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.chdir(cwd)
-        if exported is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = exported
+    path = build_store(tmp_path_factory.mktemp("store"), [smoke, lstm, shipped.get("smoke-genre")])
     yield path
 
 
@@ -66,13 +53,7 @@ def store_dir(prefect_harness, tmp_path_factory):
 def store(store_dir, monkeypatch):
     """The session's store (see ``store_dir``), with MLflow, MLFLOW_TRACKING_URI and the working directory
     pointing at it for this test; yields its directory."""
-    from flows import tracking
-
-    uri = tracking.default_tracking_uri(store_dir)
-    monkeypatch.chdir(store_dir)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure_uri(uri)
-    yield store_dir
+    yield use_store(store_dir, monkeypatch)
 
 
 @pytest.fixture(autouse=True)

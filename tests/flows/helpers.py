@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -37,3 +38,36 @@ def http(url: str, method: str = "GET", body: dict | None = None, **headers: str
             if e.code != 503 or time.monotonic() > deadline:
                 return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
         time.sleep(0.5)  # bounded retry of a retryable answer
+
+
+def build_store(path: Path, specs) -> Path:
+    """Run each pipeline spec through the flow into an embedded store at ``path`` (whatever MLflow or
+    MLFLOW_TRACKING_URI pointed at before, and restored after); returns ``path``."""
+    import mlflow
+
+    from flows import tracking
+    from flows.pipeline import lm_pipeline
+
+    cwd, exported = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(path)
+    tracking.configure_uri(tracking.default_tracking_uri(path))
+    try:
+        for spec in specs:
+            lm_pipeline(spec, workdir=str(path / ".lmp"))
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.chdir(cwd)
+        if exported is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+    return path
+
+
+def use_store(path: Path, monkeypatch) -> Path:
+    """Point MLflow, MLFLOW_TRACKING_URI and the working directory at the store ``path`` for one test."""
+    from flows import tracking
+
+    uri = tracking.default_tracking_uri(path)
+    monkeypatch.chdir(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure_uri(uri)
+    return path

@@ -4,7 +4,6 @@ their lineage, metrics, artifacts and gate, bad inputs refused before anything i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 
 from flows.config import load_pipelines
 from lm.errors import DataError
+from tests.flows.helpers import build_store, use_store
 
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m ""` (CI) runs it, plain `pytest` does not
 
@@ -42,39 +42,17 @@ def _encdec():
 def s2s_store(prefect_harness, tmp_path_factory):
     """Its own embedded store: the smoke GPT, a smoke encoder with the same char tokenizer, a BPE smoke encoder
     (another tokenizer), and the seq2seq models fine-tuned from them (smoke-names; its encoder–decoder twin)."""
-    import mlflow
-
-    from flows import tracking
-    from flows.pipeline import lm_pipeline
-
-    path, cwd = tmp_path_factory.mktemp("s2s"), Path.cwd()
-    exported = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(path)
-    tracking.configure_uri(tracking.default_tracking_uri(path))
     shipped = _shipped()
     smoke = shipped.get("smoke")
     encoder = smoke.overridden({"name": "smoke-encoder", "model": ENCODER, "promote": {"metric": "val_mlm_loss"}})
     bpe = encoder.overridden({"name": "smoke-encoder-bpe", "tokenizer": {"kind": "bpe", "vocab_size": 300}})
-    try:
-        for spec in (smoke, encoder, bpe, shipped.get("smoke-names"), _encdec()):
-            lm_pipeline(spec, workdir=str(path / ".lmp"))
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.chdir(cwd)
-        if exported is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = exported
+    path = build_store(tmp_path_factory.mktemp("s2s"), [smoke, encoder, bpe, shipped.get("smoke-names"), _encdec()])
     yield path
 
 
 @pytest.fixture
 def store(s2s_store, monkeypatch):
-    from flows import tracking
-
-    uri = tracking.default_tracking_uri(s2s_store)
-    monkeypatch.chdir(s2s_store)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure_uri(uri)
-    yield s2s_store
+    yield use_store(s2s_store, monkeypatch)
 
 
 def test_a_decoder_fine_tuned_from_a_registered_gpt_records_lineage_metrics_and_outputs(store):
