@@ -80,6 +80,10 @@ class Seq2Seq(nn.Module):
         """The most tokens decoding can add after a source of this length (None: no limit)."""
         raise NotImplementedError
 
+    def pretrained(self) -> dict[str, nn.Module]:
+        """The modules a registered model's weights go into, by role (``decoder``, ``encoder``)."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -143,6 +147,9 @@ class PrefixLM(Seq2Seq):
 
     def max_new_tokens(self, source_length):
         return None if self.limit is None else self.limit - source_length - 1
+
+    def pretrained(self):
+        return {"decoder": self.lm}
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         return self.lm.num_parameters(non_embedding=non_embedding)
@@ -254,6 +261,9 @@ class EncoderDecoder(Seq2Seq):
 
     def max_new_tokens(self, source_length):
         return self.decoder.context_length - 1
+
+    def pretrained(self):
+        return {"decoder": self.decoder, "encoder": self.encoder}
 
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         cross = sum(p.numel() for p in self.cross.parameters())

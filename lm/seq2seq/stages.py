@@ -49,10 +49,12 @@ def _unknown(tok, texts: list[str]) -> tuple[float, list[str]]:
     return len(missing) / max(1, sum(map(len, texts))), sorted(set(missing))[:8]
 
 
-def encode(dataset: PairDataset, tokenizer: TokenizerConfig | Path, root: Path, *, lengths: dict) -> EncodedPairs:
+def encode(dataset: PairDataset, tokenizer: TokenizerConfig | Path, root: Path, *, lengths: dict,
+           target_lang: str | None = None) -> EncodedPairs:  # fmt: skip
     """Tokenize every split with ``tokenizer`` — a tokenizer.json (the initialising model's, so ids mean what they
     meant in pretraining) or a config to train one on the training pairs — cut to ``lengths`` (``max_source``,
-    ``max_target``, ``total``) into ``root/<key>``. A tokenizer that cannot write the targets is refused."""
+    ``max_target``, ``total``) into ``root/<key>``. A tokenizer that cannot write the targets is refused.
+    ``target_lang`` (when the source names one) chooses BLEU's tokenizer later (``zh``)."""
     root = Path(root)
     if isinstance(tokenizer, Path | str):
         tok, source = load_tokenizer(Path(tokenizer)), "init model"
@@ -109,7 +111,7 @@ def encode(dataset: PairDataset, tokenizer: TokenizerConfig | Path, root: Path, 
         truncated=entry.manifest["truncated"],
         unknown=entry.manifest["unknown"],
         lengths=lengths,
-        target_lang=getattr(dataset, "target_lang", None),
+        target_lang=target_lang,
     )
 
 

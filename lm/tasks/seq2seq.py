@@ -104,7 +104,8 @@ class Seq2SeqTask:
 
     def encode(self, prepared: PairDataset, init: Init | None, root: Path) -> EncodedPairs:
         tokenizer = Path(init.package.tokenizer) if init else self.spec.tokenizer
-        return stages.encode(prepared, tokenizer, root, lengths=self.lengths(init))
+        return stages.encode(prepared, tokenizer, root, lengths=self.lengths(init),
+                             target_lang=getattr(self.spec.data, "target_lang", None))  # fmt: skip
 
     def ingest_key(self, base_dir: Path) -> str:
         return inputs_key(pairdata.dataset_inputs(self.spec.data, Path(base_dir)))
@@ -142,11 +143,10 @@ class Seq2SeqTask:
         def build():
             model = self.model(encoded, init)
             if init is not None:
-                warm_start(model.lm if hasattr(model, "lm") else model.decoder, init.package.weights,
-                           what=f"init_from {init.requested}")  # fmt: skip
-                if "encoder" in init.parts:
-                    part = init.parts["encoder"]
-                    warm_start(model.encoder, part.package.weights, what=f"encoder_from {part.requested}")
+                pretrained = model.pretrained()
+                warm_start(pretrained["decoder"], init.package.weights, what=f"init_from {init.requested}")
+                for role, part in init.parts.items():
+                    warm_start(pretrained[role], part.package.weights, what=f"{role}_from {part.requested}")
             return model
 
         state = {

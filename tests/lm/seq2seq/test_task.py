@@ -106,3 +106,10 @@ def test_served_params_default_to_how_the_model_was_evaluated():
     assert set(defaults) == set(GenerationParams().as_dict())  # the served signature names every param
     with pytest.raises(ValueError, match="num_beams must be an integer from 1 to 16"):
         GenerationParams.parse({"num_beams": 17})
+
+
+def test_the_target_language_reaches_the_metrics(tmp_path):
+    """A Chinese target is encoded with its language, so BLEU later uses sacrebleu's zh tokenizer."""
+    task = _task(model=GPT, data={"source": "cldr-names", "target_lang": "zh", "kinds": ["months", "days"]})
+    encoded = task.encode(task.prepare(tmp_path / "pairs", base_dir=tmp_path), None, tmp_path / "tokens")
+    assert encoded.target_lang == "zh" and encoded.unknown["train"] == 0.0
