@@ -55,14 +55,13 @@ def encode(dataset: PairDataset, tokenizer: TokenizerConfig | Path, root: Path, 
     meant in pretraining) or a config to train one on the training pairs — cut to ``lengths`` (``max_source``,
     ``max_target``, ``total``) into ``root/<key>``. A tokenizer that cannot write the targets is refused.
     ``target_lang`` (when the source names one) chooses BLEU's tokenizer later (``zh``)."""
-    root = Path(root)
+    root, train_rows = Path(root), read_pairs(Path(dataset.path), "train")
     if isinstance(tokenizer, Path | str):
         tok, source = load_tokenizer(Path(tokenizer)), "init model"
     else:
-        train_rows = read_pairs(Path(dataset.path), "train")
         text = "\n".join(r["source"] + "\n" + r["target"] for r in train_rows)
         tok, source = train_tokenizer(tokenizer, text), tokenizer.kind
-    unknown, examples = _unknown(tok, [r["target"] for r in read_pairs(Path(dataset.path), "train")])
+    unknown, examples = _unknown(tok, [r["target"] for r in train_rows])
     if unknown > MAX_UNKNOWN:
         raise DataError(
             f"the tokenizer ({source}) cannot write {unknown:.1%} of the training targets' characters "
