@@ -167,6 +167,8 @@ class GPTConfig(Frozen):
     """Dropout on attention weights, residual branches and embeddings during training."""
     bias: bool = False
     """Bias terms in linear layers and layer norms."""
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    """The MLP's GELU: exact (erf), or its tanh approximation (GPT-2's own `gelu_new`, for imported checkpoints)."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:

@@ -97,25 +97,35 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, *, embed_dim: int, dropout: float, bias: bool):
+    def __init__(self, *, embed_dim: int, dropout: float, bias: bool, activation: str = "gelu"):
         super().__init__()
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
         self.fc = nn.Linear(embed_dim, 4 * embed_dim, bias=bias)
         self.proj = nn.Linear(4 * embed_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, bias: bool, causal: bool = True):
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float,
+        bias: bool,
+        causal: bool = True,
+        activation: str = "gelu",
+    ):
         super().__init__()
         self.ln_1 = nn.LayerNorm(embed_dim, bias=bias)
         self.attn = SelfAttention(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, bias=bias, causal=causal)
         self.ln_2 = nn.LayerNorm(embed_dim, bias=bias)
-        self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias)
+        self.mlp = MLP(embed_dim=embed_dim, dropout=dropout, bias=bias, activation=activation)
 
     def forward(
         self,
@@ -144,7 +154,14 @@ class Transformer(nn.Module):
         self.position_embedding = None if self.rotary else nn.Embedding(cfg.context_length, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.bias, causal=causal)
+            Block(
+                embed_dim=cfg.embed_dim,
+                num_heads=cfg.num_heads,
+                dropout=cfg.dropout,
+                bias=cfg.bias,
+                causal=causal,
+                activation=cfg.activation,
+            )  # fmt: skip
             for _ in range(cfg.num_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
