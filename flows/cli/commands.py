@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from flows.cli import export as cli_export
 from flows.cli import models as cli_models
 from flows.cli import servers as cli_servers
 from flows.cli.common import WORK_DIR, console, err, fail, load, options, pipeline_spec, user_error
@@ -323,6 +324,7 @@ def list_pipelines(config: ConfigOption = Path("pipelines.yaml")) -> None:
 
 for _command in (cli_models.compare, cli_models.models, cli_models.promote, cli_models.rollback, cli_models.generate):
     app.command()(_command)
+app.command()(cli_export.export)
 app.command()(cli_servers.up)
 app.command()(cli_servers.down)
 app.command()(cli_servers.schedule)

@@ -151,8 +151,9 @@ def _registered_names(client: MlflowClient) -> list[str]:
     return sorted(m.name for m in client.search_registered_models())
 
 
-def resolve_init(init_from: str, client: MlflowClient):
-    """The registered version ``init_from`` names; a DataError names what exists when it does not."""
+def resolve_init(init_from: str, client: MlflowClient, what: str = "init_from"):
+    """The registered version ``init_from`` names; a DataError (starting with ``what``) names what exists when it
+    does not."""
     match = INIT_URI.match(init_from)
     name, alias, number = match["name"], match["alias"], match["version"]
     try:
@@ -160,7 +161,7 @@ def resolve_init(init_from: str, client: MlflowClient):
     except MlflowException:
         names = _registered_names(client)
         raise DataError(
-            f"init_from {init_from}: there is no registered model {name!r}; the registered models are "
+            f"{what} {init_from}: there is no registered model {name!r}; the registered models are "
             f"{', '.join(names) if names else '(none)'}. Run its language-model pipeline first (lmp run {name}) "
             "or fix the name"
         ) from None
@@ -170,7 +171,7 @@ def resolve_init(init_from: str, client: MlflowClient):
         aliases = sorted(f"@{a}" for a in (model.aliases or {}))
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
         raise DataError(
-            f"init_from {init_from}: model {name!r} has no {'alias @' + alias if alias else 'version ' + number}; "
+            f"{what} {init_from}: model {name!r} has no {'alias @' + alias if alias else 'version ' + number}; "
             f"it has aliases {', '.join(aliases) or '(none)'} and versions {versions}"
         ) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from lm.errors import DataError
 from lm.tokenizers import UNK, CharTokenizer, Tokenizer
 
 
@@ -45,3 +46,39 @@ def tokenizer_config(tok: Tokenizer, *, model_max_length: int, special: dict[str
         **(special or {}),
     }
     return json.dumps(config, indent=2, ensure_ascii=False)
+
+
+def from_hf_tokenizer_json(text: str) -> Tokenizer:
+    """One of our tokenizers for an HF ``tokenizer.json``: our own char export becomes the CharTokenizer it
+    came from (same ids, same digest); a BPE or WordLevel model is used as it is."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(text)
+    model = data.get("model") or {}
+    kind = model.get("type")
+    if kind == "WordLevel" and _is_char_export(data):
+        chars = sorted(model["vocab"], key=model["vocab"].get)
+        return CharTokenizer(chars[1:])
+    if kind == "BPE":
+        from lm.tokenizers import BPETokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(text))
+    if kind == "WordLevel":
+        from lm.tokenizers import WordTokenizer
+
+        return WordTokenizer(HFTokenizer.from_str(text))
+    raise DataError(f"tokenizer.json: a {kind} tokenizer model; supported are BPE and WordLevel")
+
+
+def _is_char_export(data: dict) -> bool:
+    """Whether ``data`` is ``char_tokenizer_json``'s shape: single characters, U+FFFD at id 0, split per
+    character, fused on decoding."""
+    vocab, pre = data["model"]["vocab"], data.get("pre_tokenizer") or {}
+    return (
+        vocab.get(UNK) == 0
+        and all(len(c) == 1 for c in vocab)
+        and sorted(vocab.values()) == list(range(len(vocab)))
+        and pre.get("type") == "Split"
+        and (data.get("decoder") or {}).get("type") == "Fuse"
+        and not data.get("normalizer")
+    )
