@@ -21,11 +21,9 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationI
 from lm.classification.config import HeadConfig, LabelledData
 from lm.config import (
     BuiltinData,
-    CharTokenizerConfig,
     DataConfig,
     EvalConfig,
     Frozen,
-    GPTConfig,
     ModelConfig,
     TokenizerConfig,
     TrainConfig,
@@ -54,6 +52,19 @@ class ConfigError(ValueError):
 
 TASKS = ("language-model", "classification", "seq2seq")
 INIT_URI = re.compile(r"^models:/(?P<name>[a-z0-9][a-z0-9._-]{0,62})(@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+HF_INIT = "hf:"
+"""``init_from: hf:PATH``: a Transformers folder on this machine (GPT-2 or GPT-NeoX layout, safetensors)."""
+
+
+def check_init_source(key: str, uri: str) -> None:
+    """``uri`` names a registered model or a local Transformers folder, else ValueError naming ``key``."""
+    if INIT_URI.match(uri) or (uri.startswith(HF_INIT) and uri[len(HF_INIT) :].strip()):
+        return
+    scratch = "`scratch`, " if key == "init_from" else ""
+    raise ValueError(
+        f"{key} {uri!r} is not {scratch}`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `hf:PATH` (a Transformers "
+        "folder)"
+    )
 
 
 class PromoteConfig(Frozen):
@@ -194,6 +205,9 @@ class _Spec(Frozen):
     others wait for a slot (a killed task's slot frees itself)."""
     sweep: SweepConfig | None = None
     """A hyperparameter search `lmp sweep` runs (each trial a child run; the best is registered)."""
+    export: tuple[Literal["hf", "onnx"], ...] = ()
+    """Formats each newly registered version is exported to (as `lmp export` does), logged as artifacts
+    `export/<format>` of its run: `hf` (a Transformers folder; GPT only) and `onnx` (every architecture)."""
 
     def scheduled(self):
         """This spec with the schedule's parameter overrides applied (validated)."""
@@ -258,6 +272,12 @@ class _Spec(Frozen):
                 raise ValueError(f"schedule.parameters make an invalid pipeline: {where}") from None
         return self
 
+    def _check_export(self, refused: dict[str, str]) -> None:
+        """``export:`` names no format this pipeline's models cannot be written in (``refused``: format → why)."""
+        for fmt in self.export:
+            if fmt in refused:
+                raise ValueError(f"export: {fmt} — {refused[fmt]}")
+
     def _check_promote_metric(self, objective: str, kind: str) -> None:
         if self.promote.metric not in METRICS[objective]:
             raise ValueError(
@@ -295,17 +315,26 @@ class PipelineSpec(_Spec):
     """A language-model pipeline: data → tokenizer → model → training → evaluation → registry."""
 
     task: Literal["language-model"] = "language-model"
+    init_from: str = "scratch"
+    """`scratch`: a fresh model described by `model` and `tokenizer`; or further pretraining of
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `hf:PATH` (a Transformers folder on this machine), whose
+    architecture, weights and tokenizer the run starts from."""
     data: DataConfig = Field(default_factory=BuiltinData)
-    tokenizer: TokenizerConfig = Field(default_factory=CharTokenizerConfig)
-    model: ModelConfig = Field(default_factory=GPTConfig)
+    tokenizer: TokenizerConfig | None = None
+    """Scratch only (default: char); an initialised model brings its own."""
+    model: ModelConfig | None = None
+    """Scratch only (default: gpt); an initialised model brings its own architecture."""
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _default_kinds(cls, value: object) -> object:
-        """`model.kind` defaults to gpt, `tokenizer.kind` to char, `data.source` to builtin."""
+        """From scratch `model.kind` defaults to gpt, `tokenizer.kind` to char; `data.source` to builtin."""
         if isinstance(value, dict):
             value = dict(value)
+            if value.get("init_from", "scratch") == "scratch":
+                value.setdefault("model", {})
+                value.setdefault("tokenizer", {})
             _default_kind(value, "model", "kind", "gpt")
             _default_kind(value, "tokenizer", "kind", "char")
             _default_kind(value, "data", "source", "builtin")
@@ -314,18 +343,31 @@ class PipelineSpec(_Spec):
                 value["promote"] = {"metric": "val_mlm_loss", **promote}
         return value
 
+    @property
+    def scratch(self) -> bool:
+        return self.init_from == "scratch"
+
     def model_summary(self) -> str:
         """The model in a few words, for `lmp list`."""
-        return shape(self.model)
+        return shape(self.model) if self.scratch else f"further pretraining of {self.init_from}"
 
     @model_validator(mode="after")
     def _promote_metric_is_reported(self) -> PipelineSpec:
+        if not self.scratch:
+            check_init_source("init_from", self.init_from)
+            if self.model is not None or self.tokenizer is not None:
+                raise ValueError(
+                    f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
+                )
+            return self  # the objective is the initialising model's, known once a run resolves it
         self._check_promote_metric("mlm" if self.model.kind == "encoder" else "causal", self.model.kind)
         return self
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
-        if self.train.eval_tokens < self.model.context_length:
+        if self.model is not None and self.model.kind != "gpt":
+            self._check_export({"hf": f"Transformers has no exact counterpart of our {self.model.kind}; use onnx"})
+        if self.model is not None and self.train.eval_tokens < self.model.context_length:
             raise ValueError(
                 f"train.eval_tokens ({self.train.eval_tokens}) must be at least "
                 f"model.context_length ({self.model.context_length})"
@@ -340,7 +382,8 @@ class ClassifierSpec(_Spec):
     task: Literal["classification"]
     init_from: str = "scratch"
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered language model: its architecture,
-    weights and tokenizer), or `scratch` (a fresh backbone described by `model` and `tokenizer`)."""
+    weights and tokenizer), `hf:PATH` (a Transformers folder on this machine), or `scratch` (a fresh backbone
+    described by `model` and `tokenizer`)."""
     data: LabelledData
     tokenizer: TokenizerConfig | None = None
     """Scratch only (default: char); an initialised classifier uses its model's tokenizer."""
@@ -356,6 +399,8 @@ class ClassifierSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClassifierSpec:
+        if self.init_from != "scratch":
+            check_init_source("init_from", self.init_from)
         if self.init_from == "scratch":
             if self.model is None:
                 raise ValueError("init_from: scratch needs a `model:` section (the backbone to build)")
@@ -363,14 +408,11 @@ class ClassifierSpec(_Spec):
                 raise ValueError(
                     f"head.pooling 'cls' needs a bidirectional encoder, not {self.model.kind}; use last or mean"
                 )
-        elif not INIT_URI.match(self.init_from):
-            raise ValueError(
-                f"init_from {self.init_from!r} is not `scratch`, `models:/NAME@ALIAS` or `models:/NAME/VERSION`"
-            )
         elif self.model is not None or self.tokenizer is not None:
             raise ValueError(
                 f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
             )
+        self._check_export({"hf": "a classifier has no Transformers export here; use onnx"})
         self._check_promote_metric("classification", "classification")
         return self
 
@@ -394,7 +436,8 @@ class Seq2SeqSpec(_Spec):
     `encoder-decoder`: a bidirectional encoder reads the source and a GPT decoder attends to it (cross-attention)."""
     init_from: str = "scratch"
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION`: the registered language model the decoder starts from
-    (weights and tokenizer), or `scratch` (a fresh model described by `model` and `tokenizer`)."""
+    (weights and tokenizer), `hf:PATH` (a Transformers folder on this machine), or `scratch` (a fresh model
+    described by `model` and `tokenizer`)."""
     encoder_from: str | None = None
     """encoder-decoder from registered models: the registered masked-LM encoder (same tokenizer as init_from)."""
     data: PairData
@@ -430,9 +473,8 @@ class Seq2SeqSpec(_Spec):
                 raise ValueError("encoder_from needs init_from (the decoder) too; or remove it to train from scratch")
         else:
             for key in ("init_from", "encoder_from"):
-                uri = getattr(self, key)
-                if uri is not None and not INIT_URI.match(uri):
-                    raise ValueError(f"{key} {uri!r} is not `models:/NAME@ALIAS` or `models:/NAME/VERSION`")
+                if (uri := getattr(self, key)) is not None:
+                    check_init_source(key, uri)
             if encdec and self.encoder_from is None:
                 raise ValueError("architecture: encoder-decoder from registered models needs encoder_from "
                                  "(a registered masked-LM encoder) beside init_from (the GPT decoder)")  # fmt: skip
@@ -442,6 +484,8 @@ class Seq2SeqSpec(_Spec):
                 raise ValueError(
                     f"the architecture and tokenizer come from {self.init_from}; remove `model:` and `tokenizer:`"
                 )
+        self._check_export({"hf": "a seq2seq model has no Transformers export here",
+                            "onnx": "a seq2seq model (its decoding loop) has no ONNX export here"})  # fmt: skip
         self._check_promote_metric("seq2seq", "seq2seq")
         return self
 

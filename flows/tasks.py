@@ -77,7 +77,8 @@ def init_model(spec: AnySpec, workdir: str) -> Init:
     init = init.model_copy(update={"parts": parts}) if parts else init
     task.check_init(init)
     for each in [init, *parts.values()]:
-        get_run_logger().info("init: %s is version %s (run %s)", each.requested, each.version, each.run_id)
+        where = f"version {each.version} (run {each.run_id})" if each.run_id else each.uri
+        get_run_logger().info("init: %s is %s", each.requested, where)
     return init
 
 
@@ -230,6 +231,12 @@ def register(spec: AnySpec, prepared: Prepared, encoded: Encoded, trained: Train
         verdict = promotion.verdict(registered.decision, registered.version, created=registered.created)
         said = verdict if verdict.startswith("version") else f"version {registered.version} {verdict}"
         get_run_logger().info("gate: %s", said)
+    if spec.export and registered.created:
+        from flows.registry.export import export_registered
+
+        root = Path(workdir) / "runs" / run_id / "exported"
+        for fmt, done in export_registered(run_id, package, spec.export, spec.name, registered.version, root).items():
+            get_run_logger().info("export: %s → %s (%s)", fmt, done["artifact_uri"], done.get("architecture", fmt))
     return registered
 
 

@@ -115,7 +115,9 @@ def plan_examples(
     explained like a corpus (``data()``: its inputs now; ``cached(key)``: the manifest cached under that key); the
     tokenize stage depends on the initialising models (``init_from``), which only a run resolves."""
     last = last_success(Path(workdir), pipeline) or {}
-    init = [StagePlan("init-model", "run", f"resolves {', '.join(init_from)} in the registry")] if init_from else []
+    where = [f"{uri} ({'imported from the folder' if uri.startswith('hf:') else 'looked up in the registry'})"
+             for uri in init_from]  # fmt: skip
+    init = [StagePlan("init-model", "run", f"resolves {', '.join(where)}")] if init_from else []
     try:
         now = data()
     except (OSError, ValueError) as e:

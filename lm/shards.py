@@ -15,7 +15,7 @@ from lm.atomic import atomic_write_bytes
 from lm.cache import Entry, StageCache, inputs_key
 from lm.config import TokenizerConfig
 from lm.errors import DataError
-from lm.tokenizers import encode_array, load_tokenizer, tokenizer_digest, train_tokenizer
+from lm.tokenizers import Tokenizer, encode_array, load_tokenizer, tokenizer_digest, train_tokenizer
 from lm.versions import code_digest
 
 
@@ -29,11 +29,13 @@ def open_tokens(path: Path, dtype: str) -> np.memmap:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
-def tokenize_inputs(data_digest: str, cfg: TokenizerConfig) -> dict:
-    """What the token files depend on; its digest is the cache key and `lmp plan` diffs it."""
+def tokenize_inputs(data_digest: str, cfg: TokenizerConfig | Tokenizer) -> dict:
+    """What the token files depend on; its digest is the cache key and `lmp plan` diffs it. ``cfg``: the
+    tokenizer to train, or a trained one to use as it is (an initialising model's: named by its digest)."""
+    given = isinstance(cfg, Tokenizer)
     return {
         "data_digest": data_digest,
-        "tokenizer": cfg.model_dump(mode="json"),
+        "tokenizer": {"given": tokenizer_digest(cfg), "kind": cfg.kind} if given else cfg.model_dump(mode="json"),
         "code": code_digest("lm.tokenizers", "lm.shards"),
     }
 
@@ -59,9 +61,10 @@ def cached_tokens(root: Path, key: str) -> dict | None:
 
 
 def tokenize_corpus(
-    corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, root: Path, *, min_tokens: int = 2
+    corpus_dir: Path, data_digest: str, cfg: TokenizerConfig | Tokenizer, root: Path, *, min_tokens: int = 2
 ) -> dict:
-    """Train the tokenizer on the training split only and write every split as a token file.
+    """Train the tokenizer on the training split only (or use ``cfg`` when it is a tokenizer) and write every
+    split as a token file.
 
     ``min_tokens``: each split must hold at least this many tokens (a context window + 1).
     Returns the manifest with ``path`` and ``cached``.
@@ -74,10 +77,12 @@ def tokenize_corpus(
     return entry.manifest | {"path": str(entry.path), "cached": entry.cached, "inputs": inputs}
 
 
-def _build(corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, key: str, tmp: Path, min_tokens: int) -> dict:
+def _build(
+    corpus_dir: Path, data_digest: str, cfg: TokenizerConfig | Tokenizer, key: str, tmp: Path, min_tokens: int
+) -> dict:
     """``tokenize_corpus`` after a cache miss, holding the key's lock: the files into ``tmp``; the manifest."""
     texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(Path(corpus_dir).glob("*.txt"))}
-    tok = train_tokenizer(cfg, texts["train"])
+    tok = cfg if isinstance(cfg, Tokenizer) else train_tokenizer(cfg, texts["train"])
     ids = {split: encode_array(tok, text) for split, text in texts.items()}
     short = {s: a.size for s, a in ids.items() if a.size < min_tokens}
     if short:
@@ -91,7 +96,7 @@ def _build(corpus_dir: Path, data_digest: str, cfg: TokenizerConfig, key: str, t
     return {
         "key": key,
         "data_digest": data_digest,
-        "tokenizer": cfg.kind,
+        "tokenizer": tok.kind,
         "tokenizer_digest": tokenizer_digest(tok),
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(next(iter(ids.values())).dtype).name,

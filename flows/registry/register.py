@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from mlflow.types.schema import AnyType, ColSpec, Schema
 from pydantic import BaseModel, ConfigDict
 
 import lm
-from flows.config import INIT_URI, PromoteConfig
+from flows.config import HF_INIT, INIT_URI, PromoteConfig
 from flows.registry import promotion
 from lm import package as packaging
 from lm.atomic import atomic_dir
@@ -176,8 +177,26 @@ def resolve_init(init_from: str, client: MlflowClient, what: str = "init_from"):
         ) from None
 
 
+def import_init(init_from: str, root: Path) -> Init:
+    """``hf:PATH``: the Transformers folder converted into a package under ``root`` (re-read every run: the
+    folder may have changed; a relative PATH is taken from the working directory)."""
+    from lm.export.hf import import_hf
+
+    path = init_from[len(HF_INIT) :].strip()
+    folder = Path(path).expanduser().absolute()
+    dest = Path(root) / f"hf-{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"
+    imported = import_hf(path, dest)
+    found = packaging.find(dest)
+    return Init(requested=init_from, uri=f"{HF_INIT}{folder}", name=folder.name, version=0, run_id=None,
+                weights_digest=sha256_file(Path(found.weights)), package=found, model=imported.config["model"],
+                vocab_size=imported.config["vocab_size"])  # fmt: skip
+
+
 def init_model(init_from: str, root: Path) -> Init:
-    """The registered model ``init_from`` names, downloaded under ``root`` (reused when its weights are)."""
+    """The registered model ``init_from`` names, downloaded under ``root`` (reused when its weights are), or the
+    Transformers folder an ``hf:PATH`` names, imported."""
+    if init_from.startswith(HF_INIT):
+        return import_init(init_from, root)
     version = resolve_init(init_from, MlflowClient())
     dest = Path(root) / f"{version.name}-v{version.version}"
     digest = version.tags.get("weights_digest")

@@ -130,8 +130,10 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
 
 def _refuse(config: dict) -> GPTConfig:
     """The package's GPT config, or Unsupported naming why it has no exact Transformers architecture."""
-    task = config.get("task", "language-model")
-    if task != "language-model":
+    from lm.package import LANGUAGE_MODEL, task_name
+
+    task = task_name(config)
+    if task != LANGUAGE_MODEL:
         raise Unsupported(f"a {task} model has no Transformers export here; export it with --format onnx")
     kind = config["model"]["kind"]
     if kind == "lstm":
