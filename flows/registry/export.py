@@ -31,7 +31,9 @@ def export_package(package: Package, fmt: str, out: Path, provenance: dict) -> d
     if fmt == "onnx":
         from lm.export.onnx import export_onnx
 
-        return {"path": str(out)} | dict(export_onnx(loaded, out))
+        done = export_onnx(loaded, out, provenance=provenance)
+        return {"path": str(out), "architecture": f"ONNX via {done['exporter']}",
+                "max_logit_difference": done["max_abs_difference"].get("logits")} | done  # fmt: skip
     raise DataError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 

@@ -8,6 +8,8 @@ command installs a missing one instead of failing on an import deep inside.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from types import ModuleType
 
 from lm.errors import DataError
@@ -25,3 +27,13 @@ def require(module: str, purpose: str) -> ModuleType:
             f"{purpose} needs the `{module}` package, which is not installed ({exc}): "
             f'pip install -e ".[{extra}]" (or pip install "lm-pipelines[{extra}]")'
         ) from None
+
+
+def shareable(folder: Path) -> None:
+    """An export is for other tools and people: the folder and its files get the modes the user's umask gives
+    new files (a temporary directory is private by default)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -25,7 +25,7 @@ import torch
 from lm.atomic import atomic_dir
 from lm.config import GPTConfig
 from lm.errors import DataError
-from lm.export import require
+from lm.export import require, shareable
 from lm.export.tokenizer import from_hf_tokenizer_json, hf_tokenizer_json
 from lm.tokenizers import UNK, CharTokenizer
 
@@ -205,6 +205,7 @@ def export_hf(loaded, out_dir: Path, *, check: bool = True, provenance: dict | N
         )
         if check:
             difference = _check(loaded, Path(tmp), transformers)
+        shareable(tmp)
     return Exported(str(out_dir), fields["architectures"][0], difference)
 
 

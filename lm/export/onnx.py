@@ -5,35 +5,35 @@ and gives), checked against PyTorch with ONNX Runtime before the folder is put i
 Exporters (torch 2.13): the default ``dynamo=True`` exporter for Transformers (GPT, encoder and the
 classifiers on them). A graph holding an ``nn.LSTM`` goes through the TorchScript exporter (``dynamo=False``,
 ``dynamic_axes``): ``torch.export`` specialises the LSTM's sequence length to the example's, so the dynamo graph
-declares a fixed-length output. Neither exporter takes GPT attention's ``is_causal=self.causal and T > 1`` with
-a symbolic ``T`` (a SymBool, or a tensor when tracing); ``_causal_flag_as_bool`` makes it the Python bool it is
-for every traced length while exporting.
+declares a fixed-length output. GPT attention passes ``is_causal`` as a plain bool so
+that a symbolic sequence length exports (``T > 1`` holds for every traced length, and one token attends only to
+itself either way).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lm import package
 from lm.atomic import atomic_dir, atomic_write_bytes
 from lm.classification.model import Classifier
 from lm.errors import DataError
-from lm.export import require
+from lm.export import require, shareable
 from lm.export.tokenizer import hf_tokenizer_json
 from lm.models import gpt
 from lm.models.encoder import Encoder
 from lm.models.lstm import LSTMLM
+from lm.seq2seq.model import Seq2Seq
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -77,7 +77,7 @@ def _classify(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> tup
 def graph_of(loaded: package.Loaded) -> Graph:
     """The one dispatch over the packaged architectures."""
     model, task, ids = loaded.model, package.task_name(loaded.config), ("batch", "sequence")
-    if task == "seq2seq":
+    if isinstance(model, Seq2Seq):
         raise DataError(
             "ONNX export of seq2seq models is not supported (their decoding loop and KV cache are not one forward "
             "pass); export the decoder language model it was initialised from (its registered package) instead"
@@ -113,24 +113,6 @@ class _Forward(nn.Module):
         return self.call(self.model, *inputs)
 
 
-@contextmanager
-def _causal_flag_as_bool():
-    """``lm.models.gpt`` with ``is_causal`` made a bool: ``T > 1`` holds for every length exported (≥ 2), and
-    a single token attends only to itself either way, so the graph is right for every length."""
-    sdpa = F.scaled_dot_product_attention
-
-    class Functional:
-        def __getattr__(self, name: str):
-            return getattr(F, name)
-
-        @staticmethod
-        def scaled_dot_product_attention(*args, is_causal=False, **kwargs):
-            return sdpa(*args, is_causal=bool(is_causal), **kwargs)
-
-    with mock.patch.object(gpt, "F", Functional()):
-        yield
-
-
 def sample(graph: Graph, vocab_size: int, batch: int, length: int, generator: torch.Generator) -> dict:
     """Random inputs of ``batch`` rows of ``length`` tokens (the first row full length, the others shorter)."""
     sizes = {"batch": batch, "sequence": length}
@@ -146,19 +128,33 @@ def sample(graph: Graph, vocab_size: int, batch: int, length: int, generator: to
     return inputs
 
 
+@contextmanager
+def _quiet_exporter():
+    """The exporters' own log lines (e.g. that torchvision is not installed) are not the user's business."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _export(graph: Graph, model: nn.Module, example: dict, path: Path) -> str:
     """Write ``model.onnx``; return the exporter used."""
     wrapped, args = _Forward(model, graph.call).eval(), tuple(example.values())
     names = {"input_names": list(graph.inputs), "output_names": list(graph.outputs), "opset_version": OPSET}
     if any(isinstance(m, nn.LSTM) for m in model.modules()):
         axes = {name: named_axes(shape) for name, shape in (graph.inputs | graph.outputs).items()}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings: checked below
             torch.onnx.export(wrapped, args, str(path), dynamo=False, dynamic_axes=axes, **names)
         return "torchscript"
     dims = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence", max=graph.max_length)}
     shapes = tuple({i: dims[d] for i, d in named_axes(shape).items()} for shape in graph.inputs.values())
-    with _causal_flag_as_bool(), warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=(shapes,), verbose=False, **names)
     program.save(str(path), external_data=False)
@@ -190,7 +186,7 @@ def verify(graph: Graph, model: nn.Module, path: Path, vocab_size: int, lengths:
     return worst
 
 
-def metadata(graph: Graph, loaded: package.Loaded, exporter: str) -> dict:
+def metadata(graph: Graph, loaded: package.Loaded, exporter: str, provenance: dict | None = None) -> dict:
     def described(tensors: dict) -> dict:
         return {n: {"dtype": "int64" if n in INTEGER_INPUTS else "float32", "shape": list(shape)}
                 for n, shape in tensors.items()}  # fmt: skip
@@ -200,11 +196,11 @@ def metadata(graph: Graph, loaded: package.Loaded, exporter: str) -> dict:
         "inputs": described(graph.inputs), "outputs": described(graph.outputs), "carried": graph.carried,
         "max_sequence_length": graph.max_length, "context_length": loaded.model.context_length,
         "vocab_size": loaded.config["vocab_size"], "model": loaded.config["model"], "tokenizer": FILES["tokenizer"],
-        **graph.metadata,
+        "source": provenance or {}, **graph.metadata,
     }  # fmt: skip
 
 
-def export_onnx(loaded: package.Loaded, out_dir: Path, *, check: bool = True) -> dict:
+def export_onnx(loaded: package.Loaded, out_dir: Path, *, check: bool = True, provenance: dict | None = None) -> dict:
     """Write ``model.onnx``, ``tokenizer.json`` and ``onnx.json`` into ``out_dir`` (replaced whole, or left as it
     was on failure); ``loaded.model`` is put in fp32 eval mode. With ``check``, ONNX Runtime must agree with PyTorch
     within ``TOLERANCE`` on batches of 2 at the longest sequence and one token less (exported at 3 × 2), else a
@@ -220,7 +216,8 @@ def export_onnx(loaded: package.Loaded, out_dir: Path, *, check: bool = True) ->
         lengths = (longest, max(1, longest - 1))
         differences = verify(graph, model, tmp / FILES["model"], vocab_size, lengths) if check else {}
         atomic_write_bytes(tmp / FILES["tokenizer"], hf_tokenizer_json(loaded.tokenizer).encode("utf-8"))
-        text = json.dumps(metadata(graph, loaded, exporter), indent=2, ensure_ascii=False)
+        text = json.dumps(metadata(graph, loaded, exporter, provenance), indent=2, ensure_ascii=False)
         atomic_write_bytes(tmp / FILES["metadata"], text.encode("utf-8"))
+        shareable(tmp)
     paths = {key: str(out_dir / name) for key, name in FILES.items()}
     return paths | {"exporter": exporter, "max_abs_difference": differences}

@@ -83,6 +83,7 @@ class SelfAttention(nn.Module):
             k, v = cache.extend(layer, k, v)
         # One new token attends to all cached ones; a prompt (cache empty before it) is masked causally.
         # ``key_mask`` (B, T), True for real tokens, keeps every position from attending to padding.
+        # ``bool(causal)``: under torch.export ``T > 1`` is symbolic; the flag must be a plain bool (ONNX export).
         mask, causal = None, self.causal and T > 1
         if key_mask is not None:
             mask = key_mask[:, None, None, :]
@@ -90,7 +91,7 @@ class SelfAttention(nn.Module):
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=bool(causal), dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
