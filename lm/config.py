@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -146,7 +146,30 @@ class BPETokenizerConfig(Frozen):
     """Unicode normalisation inside the tokenizer (the data stage already applies `clean.unicode`)."""
 
 
-TokenizerConfig = Annotated[CharTokenizerConfig | BPETokenizerConfig, Field(discriminator="kind")]
+class WordTokenizerConfig(Frozen):
+    """Words and punctuation marks (HF `tokenizers` WordLevel), the `vocab_size` most frequent of the training
+    split; any other word is `<unk>`. Whitespace is not kept: decoding joins the tokens with single spaces."""
+
+    kind: Literal["word"]
+    vocab_size: int = Field(default=10000, le=1 << 20)
+    """Words kept, including `<unk>` (id 0)."""
+    lowercase: bool = True
+    """Lowercase the text before splitting it (one token for "The" and "the")."""
+    min_frequency: int = Field(default=1, ge=1)
+    """A word must occur at least this often in the training split to get its own id."""
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _room_for_a_word(cls, vocab_size: int) -> int:
+        if vocab_size < 2:
+            raise ValueError(
+                f"tokenizer.vocab_size must be at least 2: id 0 is `<unk>`, so {vocab_size} holds no word; "
+                "set it to the number of words to keep plus one"
+            )
+        return vocab_size
+
+
+TokenizerConfig = Annotated[CharTokenizerConfig | BPETokenizerConfig | WordTokenizerConfig, Field(discriminator="kind")]
 
 
 class GPTConfig(Frozen):

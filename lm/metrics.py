@@ -41,6 +41,13 @@ _SPLIT = {  # name without its split prefix → metric; logged as val_<name> and
     "perplexity": Metric("perplexity", "exp(nats/token)", "min", CAUSAL, "exp of the next-token loss"),
     "accuracy": Metric("next-token accuracy", "fraction of tokens", "max", CAUSAL, "argmax = next token"),
     "tokens": Metric("tokens scored", "tokens", None, CAUSAL, "tokens predicted by the evaluation"),
+    "oov_rate": Metric(
+        "out-of-vocabulary rate",
+        "fraction of tokens",
+        None,
+        CAUSAL,
+        "tokens that are a word tokenizer's <unk> (predicting <unk> is cheap: bits per character read lower)",
+    ),
     "mlm_loss": Metric("masked-token loss", "nats/masked token", "min", MLM, "cross-entropy at masked positions"),
     "mlm_perplexity": Metric("masked-token perplexity", "exp(nats/masked token)", "min", MLM, "exp of mlm_loss"),
     "mlm_targets": Metric("masked tokens scored", "tokens", None, MLM, "masked positions scored"),

@@ -107,6 +107,9 @@ class TokenShards(Encoded):
     tokens: dict[str, int]
     chars: dict[str, int]
     bytes: dict[str, int]
+    oov_rate: dict[str, float] = {}
+    """Per split, the fraction of tokens that are ``<unk>`` (a word tokenizer's out-of-vocabulary rate); empty
+    for other tokenizers."""
 
     def sizes(self) -> dict:
         return self.tokens

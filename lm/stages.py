@@ -23,7 +23,7 @@ from lm.models import build_model
 from lm.results import Corpus, Evaluation, Package, TokenShards, Trained
 from lm.runtime import Runtime, resolve_runtime
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
-from lm.tokenizers import encode_array, load_tokenizer
+from lm.tokenizers import encode_array, load_tokenizer, oov_rates
 from lm.training import fit as fit_model
 
 
@@ -34,9 +34,12 @@ def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) 
 
 
 def tokenize(corpus: Corpus, cfg: TokenizerConfig, root: Path, *, context_length: int) -> TokenShards:
-    """Train the tokenizer on the training split and write token files (or reuse them)."""
+    """Train the tokenizer on the training split and write token files (or reuse them); a word tokenizer's
+    out-of-vocabulary rate per split is read from the token files."""
     found = tokenize_corpus(Path(corpus.path), corpus.digest, cfg, Path(root), min_tokens=context_length + 1)
-    return TokenShards.model_validate(found)
+    path = Path(found["path"])
+    splits = {split: open_tokens(path / f"{split}.bin", found["dtype"]) for split in found["tokens"]}
+    return TokenShards.model_validate(found | {"oov_rate": oov_rates(load_tokenizer(path / "tokenizer.json"), splits)})
 
 
 def _split(tokens: TokenShards, split: str) -> np.memmap:
@@ -101,6 +104,8 @@ def evaluate(
         chars = tokens.chars[split] * score.count / tokens.tokens[split]
         metrics |= lm_metrics(score.loss, score.count, chars, prefix=split)
         metrics |= {f"{split}_accuracy": score.accuracy, f"{split}_tokens": float(score.count)}
+        if split in tokens.oov_rate:  # the mass `<unk>` predictions take from bits per character
+            metrics[f"{split}_oov_rate"] = tokens.oov_rate[split]
     if model.objective == "mlm":
         sample = fill_in_sample(model, tok, _split(tokens, "val"), device=device)
         return Evaluation(metrics=metrics, summary=sample, protocol=PROTOCOL + "; masked positions seeded")

@@ -1,4 +1,4 @@
-"""Tokenizers behind one protocol, saved as JSON: characters, or byte-level BPE (HF `tokenizers`)."""
+"""Tokenizers behind one protocol, saved as JSON: characters, or byte-level BPE and words (HF `tokenizers`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from lm.atomic import atomic_write_bytes
-from lm.config import BPETokenizerConfig, TokenizerConfig
+from lm.config import BPETokenizerConfig, TokenizerConfig, WordTokenizerConfig
 
 UNK = "\ufffd"
+"""The char tokenizer's unknown character (id 0)."""
+WORD_UNK = "<unk>"
+"""The word tokenizer's unknown word (id 0)."""
 
 
 @runtime_checkable
@@ -78,33 +81,13 @@ class CharTokenizer:
         atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
 
 
-class BPETokenizer:
-    """Byte-level BPE from HF `tokenizers`: lossless on any text; saved in HF's own tokenizer.json format."""
+class HFTokenizer:
+    """A tokenizer of HF `tokenizers` (``hf``), saved in HF's own tokenizer.json format; subclasses train one."""
 
-    kind = "bpe"
+    kind: str
 
     def __init__(self, hf):
         self.hf = hf
-
-    @classmethod
-    def train(cls, text: str, cfg: BPETokenizerConfig) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
-        hf = HFTokenizer(models.BPE())
-        if cfg.normalization != "none":
-            hf.normalizer = getattr(normalizers, cfg.normalization)()
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size,
-            min_frequency=cfg.min_frequency,
-            special_tokens=list(cfg.special_tokens),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
-        return cls(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -121,6 +104,7 @@ class BPETokenizer:
         return flat.astype(token_dtype(self.vocab_size))
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The file's own decoder joins the tokens (none: single spaces between them)."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_json(self) -> str:
@@ -128,6 +112,82 @@ class BPETokenizer:
 
     def save(self, path: Path) -> None:
         atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE from HF `tokenizers`: lossless on any text."""
+
+    kind = "bpe"
+
+    @classmethod
+    def train(cls, text: str, cfg: BPETokenizerConfig) -> BPETokenizer:
+        import tokenizers
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        hf = tokenizers.Tokenizer(models.BPE())
+        if cfg.normalization != "none":
+            hf.normalizer = getattr(normalizers, cfg.normalization)()
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=list(cfg.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
+        return cls(hf)
+
+
+class WordTokenizer(HFTokenizer):
+    """Word-level (HF `tokenizers` WordLevel): one id per word or run of punctuation (``\\w+|[^\\w\\s]+``) kept
+    from the training split, id 0 ``<unk>`` for every other. Lossy by nature: whitespace is not kept (decode
+    joins tokens with single spaces, line breaks included), lowercased text stays lowercase and an unknown
+    word decodes as ``<unk>``.
+
+    Loads any WordLevel tokenizer.json, ours or not (the char tokenizer exported as one WordLevel token per
+    character: its decoder fuses the pieces, so it encodes and decodes exactly as ``CharTokenizer``)."""
+
+    kind = "word"
+
+    @classmethod
+    def train(cls, text: str, cfg: WordTokenizerConfig) -> WordTokenizer:
+        import tokenizers
+        from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+        hf = tokenizers.Tokenizer(models.WordLevel(unk_token=WORD_UNK))
+        steps = [normalizers.NFC(), normalizers.Lowercase()] if cfg.lowercase else [normalizers.NFC()]
+        hf.normalizer = normalizers.Sequence(steps)
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+: words, punctuation runs; no spaces
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[WORD_UNK], show_progress=False
+        )
+        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
+        return cls(hf)
+
+    @property
+    def unk_id(self) -> int | None:
+        """The id unknown words map to: the model's unknown token (0 for ours; None if a file has none)."""
+        return self.hf.token_to_id(self.hf.model.unk_token)
+
+    def oov_rate(self, text: str) -> float:
+        """Out-of-vocabulary rate: the fraction of ``text``'s tokens that are the unknown token (0 when none)."""
+        return unknown_fraction(self.encode_array(text), self.unk_id)
+
+
+def unknown_fraction(ids: np.ndarray, unk_id: int | None) -> float:
+    """The fraction of ``ids`` equal to ``unk_id`` (0.0 for no ids or no unknown id)."""
+    if unk_id is None or not ids.size:
+        return 0.0
+    return float(np.count_nonzero(np.asarray(ids) == unk_id) / ids.size)
+
+
+def oov_rates(tok: Tokenizer, splits: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per split, a word tokenizer's out-of-vocabulary rate over the split's ids; {} for other tokenizers."""
+    if not isinstance(tok, WordTokenizer):
+        return {}
+    return {split: unknown_fraction(ids, tok.unk_id) for split, ids in splits.items()}
 
 
 def _line_chunks(text: str, lines_per_chunk: int = 256):
@@ -143,20 +203,27 @@ def train_tokenizer(cfg: TokenizerConfig, text: str) -> Tokenizer:
             return CharTokenizer.train(text)
         case "bpe":
             return BPETokenizer.train(text, cfg)
+        case "word":
+            return WordTokenizer.train(text, cfg)
     raise ValueError(f"unknown tokenizer kind {cfg.kind!r}")
 
 
+HF_MODELS: dict[str, type[HFTokenizer]] = {"BPE": BPETokenizer, "WordLevel": WordTokenizer}
+"""An HF tokenizer.json's ``model.type`` → the class that loads it."""
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a tokenizer saved by ``save``: our char JSON, or an HF tokenizer.json."""
+    """Load a tokenizer saved by ``save``: our char JSON, or any HF tokenizer.json of a BPE or WordLevel model."""
     text = Path(path).read_text(encoding="utf-8")
     data = json.loads(text)
     if data.get("kind") == "char":
         return CharTokenizer(data["chars"])
-    if isinstance(data.get("model"), dict) and data["model"].get("type") == "BPE":
-        from tokenizers import Tokenizer as HFTokenizer
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("type") in HF_MODELS:
+        import tokenizers
 
-        return BPETokenizer(HFTokenizer.from_str(text))
-    raise ValueError(f"{path}: unknown tokenizer kind {data.get('kind') or data.get('model', {}).get('type')!r}")
+        return HF_MODELS[model["type"]](tokenizers.Tokenizer.from_str(text))
+    raise ValueError(f"{path}: unknown tokenizer kind {data.get('kind') or (model or {}).get('type')!r}")
 
 
 def tokenizer_digest(tok: Tokenizer) -> str:

@@ -71,8 +71,10 @@ class LanguageModel:
             "data_documents": prepared.documents
         })  # fmt: skip
 
-    def params(self, encoded: Encoded, init: Init | None) -> dict:
-        return {}
+    def params(self, encoded: TokenShards, init: Init | None) -> dict:
+        """A word tokenizer's out-of-vocabulary rate per split (``tokenizer_oov_rate_train`` …), known before
+        training; the evaluation logs ``val_oov_rate`` beside ``val_bpc`` too."""
+        return {f"tokenizer_oov_rate_{split}": f"{rate:.6g}" for split, rate in encoded.oov_rate.items()}
 
     def lineage_tags(self, init: Init | None) -> dict[str, str]:
         return {}
@@ -112,6 +114,8 @@ class LanguageModel:
         shown = "\n\n".join(
             f"**{s['prompt'].strip() or '(empty)'}**\n\n{code_block(s['output'])}" for s in evaluation.samples
         ) or code_block(evaluation.summary)
+        oov = encoded.oov_rate.get("val")
+        unknown = "" if oov is None else f", {oov:.2%} of validation tokens `<unk>`"
         return Card(
             rows=[
                 ("architecture", f"{model['kind']} ({shape(model)})"),
@@ -119,7 +123,8 @@ class LanguageModel:
                 ("training FLOPs per token", f"{c['flops_per_token']:,.0f}"),
                 (
                     "tokenizer",
-                    f"{spec.tokenizer.kind}, {encoded.vocab_size} ids, digest `{encoded.tokenizer_digest[:12]}`",
+                    f"{spec.tokenizer.kind}, {encoded.vocab_size} ids, digest `{encoded.tokenizer_digest[:12]}`"
+                    f"{unknown}",
                 ),
                 (
                     "data",
