@@ -78,14 +78,26 @@ def changes(before: dict | None, now: dict) -> list[str]:
 def plan(
     pipeline: str,
     data_cfg: DataConfig,
-    tokenizer_cfg: TokenizerConfig,
+    tokenizer_cfg: TokenizerConfig | None,
     *,
     workdir: Path,
     base_dir: Path,
     resume: PendingResume | None = None,
+    init_from: str | None = None,
 ) -> list[StagePlan]:
     """Predict, without running anything, which stages the next run skips and why the others run;
-    ``resume``: the interrupted run the next run would continue, when there is one."""
+    ``resume``: the interrupted run the next run would continue, when there is one; ``init_from``: the model
+    the run starts from (whose tokenizer only the run resolves)."""
+    if init_from is not None:
+
+        def cached(key: str) -> dict | None:
+            corpus = data.cached_corpus(Path(workdir) / "data", key)
+            return (
+                None if corpus is None else {"digest": corpus.digest, "corpus": f"{sum(corpus.chars.values()):,} chars"}
+            )
+
+        return plan_examples(pipeline, lambda: data.ingest_inputs(data_cfg, Path(base_dir)), cached, what="corpus",
+                             init_from=[init_from], workdir=workdir, resume=resume)  # fmt: skip
     workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
     try:
         ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))

@@ -14,16 +14,16 @@ import torch
 
 from lm import package as packaging
 from lm.batches import TokenBatches
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import load_checkpoint, load_weights
 from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
 from lm.evaluation import PROTOCOL, lm_metrics, mean_loss, score_split
 from lm.generation import generate
 from lm.models import build_model
-from lm.results import Corpus, Evaluation, Package, TokenShards, Trained
+from lm.results import Corpus, Evaluation, Init, Package, TokenShards, Trained
 from lm.runtime import Runtime, resolve_runtime
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
-from lm.tokenizers import encode_array, load_tokenizer, oov_rates
+from lm.tokenizers import Tokenizer, encode_array, load_tokenizer, oov_rates
 from lm.training import fit as fit_model
 
 
@@ -33,7 +33,7 @@ def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) 
     return Corpus.model_validate(summary(corpus, report))
 
 
-def tokenize(corpus: Corpus, cfg: TokenizerConfig, root: Path, *, context_length: int) -> TokenShards:
+def tokenize(corpus: Corpus, cfg: TokenizerConfig | Tokenizer, root: Path, *, context_length: int) -> TokenShards:
     """Train the tokenizer on the training split and write token files (or reuse them); a word tokenizer's
     out-of-vocabulary rate per split is read from the token files."""
     found = tokenize_corpus(Path(corpus.path), corpus.digest, cfg, Path(root), min_tokens=context_length + 1)
@@ -46,10 +46,17 @@ def _split(tokens: TokenShards, split: str) -> np.memmap:
     return open_tokens(Path(tokens.path) / f"{split}.bin", tokens.dtype)
 
 
-def fit(tokens: TokenShards, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, **hooks) -> Trained:
-    """Build the model (seeded), train it (or resume from a step checkpoint) and write ``out_dir/final``
-    (``hooks``: ``lm.training.fit``'s keyword arguments). A resume whose checkpoint was made with another
-    model, tokenizer or corpus is refused, naming them."""
+def fit(
+    tokens: TokenShards, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *, init: Init | None = None,
+    **hooks,
+) -> Trained:  # fmt: skip
+    """Build the model (seeded; from ``init``'s weights when given), train it (or resume from a step checkpoint)
+    and write ``out_dir/final`` (``hooks``: ``lm.training.fit``'s keyword arguments). A resume whose checkpoint
+    was made with another model, tokenizer, corpus or initialising model is refused, naming them."""
+
+    def build() -> torch.nn.Module:
+        model = build_model(model_cfg, tokens.vocab_size)
+        return load_weights(Path(init.package.weights), model) if init is not None else model
 
     def data(model) -> tuple[TokenBatches, TokenBatches]:
         train_split, val_split = _split(tokens, "train"), _split(tokens, "val")
@@ -63,8 +70,8 @@ def fit(tokens: TokenShards, model_cfg: ModelConfig, train_cfg: TrainConfig, out
         "vocab_size": tokens.vocab_size,
         "tokenizer_digest": tokens.tokenizer_digest,
         "data_digest": tokens.data_digest,
-    }
-    return fit_model(lambda: build_model(model_cfg, tokens.vocab_size), data, train_cfg, Path(out_dir), state, **hooks)
+    } | ({"init_weights": init.weights_digest} if init is not None else {})
+    return fit_model(build, data, train_cfg, Path(out_dir), state, **hooks)
 
 
 def load_trained(checkpoint: Path, model_cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:

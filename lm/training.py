@@ -34,6 +34,7 @@ from lm.checkpoint import (
 from lm.config import BatchSettings, TrainConfig
 from lm.distributed import DistContext
 from lm.errors import DataError
+from lm.models.base import architecture
 from lm.results import Trained
 from lm.runtime import Runtime, TrainingError, resolve_runtime
 
@@ -447,6 +448,7 @@ def model_card(model: nn.Module) -> dict:
     with torch.no_grad():
         feature_dim = model.encode(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
     return {
+        "architecture": architecture(model),
         "objective": model.objective,
         "feature_dim": int(feature_dim),
         "num_parameters": model.num_parameters(),

@@ -11,7 +11,13 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-DECLARED = [Requirement(r) for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"]]
+EXTRAS = PROJECT["optional-dependencies"]
+OWN = canonicalize_name(PROJECT["name"])
+DECLARED = [  # every group; `lm-pipelines[hf,onnx]` in dev refers to the extras, declared in their own groups
+    req
+    for req in map(Requirement, PROJECT["dependencies"] + [r for group in EXTRAS.values() for r in group])
+    if canonicalize_name(req.name) != OWN
+]
 
 
 def _pins() -> dict[str, Version]:
@@ -53,3 +59,8 @@ def test_the_advisory_floors_of_the_reliability_list_hold():
     for name, oldest_safe in {"mlflow": "3.11.1", "prefect": "3.6.22", "torch": "2.6", "pyyaml": "5.4"}.items():
         floor = max(Version(s.version) for s in floors[name] if s.operator == ">=")
         assert floor >= Version(oldest_safe), f"{name}>={floor} admits versions with known advisories"
+
+
+def test_the_dev_extra_brings_every_other_extra_so_the_tests_cover_them():
+    own = [Requirement(r) for r in EXTRAS["dev"] if canonicalize_name(Requirement(r).name) == OWN]
+    assert own and set().union(*(r.extras for r in own)) == set(EXTRAS) - {"dev"}

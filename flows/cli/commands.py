@@ -224,6 +224,8 @@ def _summary(spec: PipelineSpec, result: dict, wall: float, uri: str) -> Table:
         if key in metrics:
             m = METRIC_TABLE[key]
             table.add_row(m.label, f"{metrics[key]:.4f} {m.unit}".rstrip())
+    if layers := result["train"].get("card", {}).get("architecture"):
+        table.add_row("architecture", f"{layers} ({result['train']['card']['num_parameters']:,} parameters)")
     table.add_row(
         "wall time",
         f"{wall:.1f} s (training {result['train']['wall_seconds']:.1f} s, "

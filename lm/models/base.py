@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -51,3 +52,30 @@ def causal_score(model, window: torch.Tensor, state: Any = None) -> tuple[torch.
     out = model(window[:, :-1], state=state)  # logits (B, T, V)
     nll = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
     return nll, window[:, 1:].numel(), out.state
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's layers in order on one line — ``Embedding(10000, 256) → LSTM(256, 512) → Linear(512, 10000)``
+    — dropout and identity left out, a stack of blocks counted (``4 × Block``)."""
+    parts = []
+    for child in model.children():
+        if isinstance(child, (nn.Dropout, nn.Identity)):
+            continue
+        if isinstance(child, nn.ModuleList):
+            parts.append(f"{len(child)} × {type(child[0]).__name__}" if len(child) else "")
+        else:
+            parts.append(_layer(child))
+    return " → ".join(p for p in parts if p)
+
+
+def _layer(m: nn.Module) -> str:
+    if isinstance(m, nn.Embedding):
+        return f"Embedding({m.num_embeddings}, {m.embedding_dim})"
+    if isinstance(m, nn.Linear):
+        return f"Linear({m.in_features}, {m.out_features})"
+    if isinstance(m, nn.LSTM):
+        layers = f", num_layers={m.num_layers}" if m.num_layers > 1 else ""
+        return f"LSTM({m.input_size}, {m.hidden_size}{layers})"
+    if isinstance(m, nn.LayerNorm):
+        return f"LayerNorm({m.normalized_shape[0]})"
+    return type(m).__name__

@@ -15,14 +15,17 @@ from lm import data, shards, stages
 from lm import package as packaging
 from lm import plan as planning
 from lm.cache import inputs_key
-from lm.config import MODEL_CONFIG
+from lm.config import MODEL_CONFIG, ModelConfig, flatten
 from lm.errors import DataError
 from lm.generation import GENERATION_DEFAULTS
+from lm.metrics import GATE_METRICS
 from lm.models import build_model
 from lm.report import Card, DatasetRecord, Table, code_block, shape
 from lm.results import Corpus, Encoded, Evaluation, Init, Package, Prepared, Served, TokenShards, Trained
 from lm.runtime import Runtime
 from lm.sources import describe
+from lm.tasks.base import init_tags
+from lm.tokenizers import load_tokenizer
 
 HEADLINE = ("val_bpc", "val_loss", "val_perplexity", "val_accuracy", "test_bpc", "test_loss", "test_accuracy",
             "val_mlm_loss", "val_mlm_perplexity", "test_mlm_loss")  # fmt: skip
@@ -40,24 +43,42 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ data
     def init_from(self) -> str | None:
-        return None
+        return None if self.spec.scratch else self.spec.init_from
 
     def init_parts(self) -> dict[str, str]:
         return {}
 
     def check_init(self, init: Init) -> None:
-        raise DataError(f"init_from {init.requested}: a language-model pipeline trains from scratch")
+        """Further pretraining starts from a language model whose objective the gate's metric measures."""
+        task = packaging.task_name(packaging.read_config(init.package))
+        if task != self.name:
+            raise DataError(f"init_from {init.requested} is a {task} model; further pretraining needs a language model")
+        objective = "mlm" if init.model["kind"] == "encoder" else "causal"
+        if self.spec.promote.metric not in GATE_METRICS[objective]:
+            raise DataError(
+                f"init_from {init.requested} is a {init.model['kind']} model, which does not report "
+                f"promote.metric {self.spec.promote.metric!r}; choose one of {', '.join(GATE_METRICS[objective])}"
+            )
+
+    def model_config(self, init: Init | None) -> ModelConfig:
+        """The architecture: the spec's, or the initialising model's."""
+        return MODEL_CONFIG.validate_python(init.model) if init is not None else self.spec.model
 
     def prepare(self, root: Path, *, base_dir: Path) -> Corpus:
-        return stages.ingest(self.spec.data, root, base_dir=base_dir, context_length=self.spec.model.context_length)
+        # An initialised model's context is known once the run resolves it: tokenize checks the lengths then.
+        context = self.spec.model.context_length if self.spec.model is not None else 1
+        return stages.ingest(self.spec.data, root, base_dir=base_dir, context_length=context)
 
     def encode(self, prepared: Prepared, init: Init | None, root: Path) -> TokenShards:
-        return stages.tokenize(prepared, self.spec.tokenizer, root, context_length=self.spec.model.context_length)
+        tokenizer = load_tokenizer(Path(init.package.tokenizer)) if init is not None else self.spec.tokenizer
+        return stages.tokenize(prepared, tokenizer, root, context_length=self.model_config(init).context_length)
 
     def ingest_key(self, base_dir: Path) -> str:
         return inputs_key(data.ingest_inputs(self.spec.data, Path(base_dir)))
 
     def tokens_key(self, data_digest: str) -> str | None:
+        if not self.spec.scratch:
+            return None  # the tokenizer is the initialising model's, known once a run resolves it
         return inputs_key(shards.tokenize_inputs(data_digest, self.spec.tokenizer))
 
     def describe(self) -> str:
@@ -74,23 +95,28 @@ class LanguageModel:
     def params(self, encoded: TokenShards, init: Init | None) -> dict:
         """A word tokenizer's out-of-vocabulary rate per split (``tokenizer_oov_rate_train`` …), known before
         training; the evaluation logs ``val_oov_rate`` beside ``val_bpc`` too."""
-        return {f"tokenizer_oov_rate_{split}": f"{rate:.6g}" for split, rate in encoded.oov_rate.items()}
+        oov = {f"tokenizer_oov_rate_{split}": f"{rate:.6g}" for split, rate in encoded.oov_rate.items()}
+        if init is None:
+            return oov
+        model = flatten(self.model_config(init).model_dump(mode="json"), "model")
+        return oov | model | {"tokenizer.kind": encoded.tokenizer}  # what the initialising model brings
 
     def lineage_tags(self, init: Init | None) -> dict[str, str]:
-        return {}
+        return init_tags(init)
 
     # ------------------------------------------------------------------ model
     def fit(self, encoded: TokenShards, init: Init | None, out: Path, *, on_start: Callable | None = None,
             **hooks) -> Trained:  # fmt: skip
-        return stages.fit(encoded, self.spec.model, self.spec.train, out, on_start=on_start, **hooks)
+        return stages.fit(encoded, self.model_config(init), self.spec.train, out, init=init, on_start=on_start,
+                          **hooks)  # fmt: skip
 
     def evaluate(self, encoded: TokenShards, trained: Trained, init: Init | None) -> Evaluation:
         spec = self.spec
-        return stages.evaluate(encoded, trained.checkpoint, spec.model, spec.train, spec.eval)
+        return stages.evaluate(encoded, trained.checkpoint, self.model_config(init), spec.train, spec.eval)
 
     def export(self, encoded: TokenShards, trained: Trained, init: Init | None, out_dir: Path) -> Package:
         config = {
-            "model": self.spec.model.model_dump(mode="json"),
+            "model": self.model_config(init).model_dump(mode="json"),
             "vocab_size": encoded.vocab_size,
             "generation": self.spec.eval.model_dump(mode="json"),
         }
@@ -109,7 +135,7 @@ class LanguageModel:
     # ------------------------------------------------------------------ report
     def card(self, encoded: TokenShards, trained: Trained, evaluation: Evaluation, init: Init | None) -> Card:
         spec, c = self.spec, trained.card
-        model = spec.model.model_dump(mode="json")
+        model = self.model_config(init).model_dump(mode="json")
         samples = [s for s in evaluation.samples] or [{"prompt": "", "output": evaluation.summary}]
         shown = "\n\n".join(
             f"**{s['prompt'].strip() or '(empty)'}**\n\n{code_block(s['output'])}" for s in evaluation.samples
@@ -123,8 +149,7 @@ class LanguageModel:
                 ("training FLOPs per token", f"{c['flops_per_token']:,.0f}"),
                 (
                     "tokenizer",
-                    f"{spec.tokenizer.kind}, {encoded.vocab_size} ids, digest `{encoded.tokenizer_digest[:12]}`"
-                    f"{unknown}",
+                    f"{encoded.tokenizer}, {encoded.vocab_size} ids, digest `{encoded.tokenizer_digest[:12]}`{unknown}",
                 ),
                 (
                     "data",
@@ -144,8 +169,9 @@ class LanguageModel:
 
     def plan(self, workdir: Path, base_dir: Path, resume) -> list:
         return planning.plan(
-            self.spec.name, self.spec.data, self.spec.tokenizer, workdir=workdir, base_dir=base_dir, resume=resume
-        )
+            self.spec.name, self.spec.data, self.spec.tokenizer, workdir=workdir, base_dir=base_dir, resume=resume,
+            init_from=self.init_from(),
+        )  # fmt: skip
 
     @staticmethod
     def build_packaged(config: dict) -> nn.Module:

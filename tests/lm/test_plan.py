@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from lm import stages
 from lm.config import BPETokenizerConfig, CharTokenizerConfig, FilesData
@@ -73,3 +74,24 @@ def test_deleted_cache_outputs_are_rebuilt(tmp_path):
     )
     _, again = run_stages(cfg, CharTokenizerConfig(), tmp_path)
     assert not again.cached and (tmp_path / "w" / "tokens" / tokens.key[:16] / "val.bin").is_file()
+
+
+def test_a_run_from_a_given_tokenizer_caches_by_its_digest_and_plans_the_init_model_first(tmp_path):
+    """Further pretraining: the initialising model's tokenizer is used as it is (never retrained), its token
+    files are cached under its digest, and `plan` says the init model is resolved before tokenizing."""
+    from lm.tokenizers import CharTokenizer, load_tokenizer
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("the quick brown fox jumps. " * 300)
+    cfg = FilesData(source="files", paths=("data",))
+    given = CharTokenizer.train("the quick brown fox")  # lacks "j", "m", "p", "s" and "."
+    corpus, tokens = run_stages(cfg, given, tmp_path)
+    assert tokens.tokenizer == "char" and tokens.vocab_size == given.vocab_size
+    assert load_tokenizer(Path(tokens.path) / "tokenizer.json").chars == given.chars
+    again = stages.tokenize(corpus, CharTokenizer(given.chars[1:]), tmp_path / "w" / "tokens", context_length=CONTEXT)
+    assert again.cached and again.key == tokens.key
+    other = stages.tokenize(corpus, CharTokenizer.train("xyz"), tmp_path / "w" / "tokens", context_length=CONTEXT)
+    assert not other.cached and other.key != tokens.key
+    steps = plan("p", cfg, None, workdir=tmp_path / "w", base_dir=tmp_path, init_from="hf:/models/gpt2")
+    assert [s.stage for s in steps][:3] == ["init-model", "ingest", "tokenize"]
+    assert "hf:/models/gpt2 (imported from the folder)" in steps[0].reason and steps[1].status == "cached"
