@@ -295,7 +295,8 @@ def models(
         headline = ""
         if "champion" in found.aliases:
             tags = client.get_model_version(found.name, str(found.aliases["champion"])).tags
-            key = next((k for k in HEADLINE.values() if k in tags), "val_bpc")
+            # the metric its gate compared (a summarizer's ROUGE-L, a QA model's exact match …), else a headline
+            key = tags.get("lmp.gate.metric") or next((k for k in HEADLINE.values() if k in tags), "val_bpc")
             headline = f"{key} {tags.get(key, '?')}"
         aliases = {a: int(v) for a, v in sorted(found.aliases.items(), key=lambda kv: kv[0])}
         rows.append({"model": found.name, "versions": len(versions), "aliases": aliases, "champion_metric": headline})
