@@ -158,3 +158,21 @@ def test_promotion_history_with_reasons_from_the_cli(mlflow_store):
     assert table.exit_code == 0 and "hotfix" in table.output and "rolled back" in table.output
     unknown = runner.invoke(app, ["models", "--history", "nope"])
     assert unknown.exit_code == 2 and "no registered model 'nope'" in unknown.output
+
+
+def test_models_shows_the_metric_the_champions_gate_compared(mlflow_store):
+    """A summarizer's champion shows its ROUGE-L (the gate's metric), not a language model's bits per char."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli.commands import app
+    from flows.registry import promotion
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model.txt")
+    tags = {"val_rougeL": "17.5", "val_target_loss": "1.2", "lmp.gate.metric": "val_rougeL", "data_digest": "d"}
+    promotion.register_version(client, "summ", run.info.run_id, tags, "w", lambda: f"runs:/{run.info.run_id}/model.txt")
+    client.set_registered_model_alias("summ", "champion", "1")
+    [row] = json.loads(runner.invoke(app, ["models", "summ", "--format", "json"]).output)
+    assert row["champion_metric"] == "val_rougeL 17.5"
