@@ -11,6 +11,7 @@ from prefect.states import Cancelled
 
 from flows import prefect_links, tasks, tracking
 from flows.config import AnySpec, validate_spec
+from flows.registry import verify as verification
 from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
@@ -67,6 +68,7 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
     ) as run_id:
         if resume is None:
             tracking.log_params(run_id, flatten(spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)))
+            verification.record(run_id, spec)  # the spec and this machine, for `lmp verify`
         prefect_links.link_mlflow_run(spec.name, run_id)
         retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
         init = tasks.init_model.with_options(**retry)(spec, workdir) if task.init_from() else None

@@ -21,6 +21,7 @@ from rich.table import Table
 from flows.cli import export as cli_export
 from flows.cli import models as cli_models
 from flows.cli import servers as cli_servers
+from flows.cli import verify as cli_verify
 from flows.cli.common import WORK_DIR, console, err, fail, load, options, pipeline_spec, user_error
 from flows.config import ConfigError, PipelineSpec
 from flows.ops import gc as gc_command
@@ -332,6 +333,7 @@ app.command()(cli_servers.down)
 app.command()(cli_servers.schedule)
 app.command()(cli_servers.ui)
 app.command()(gc_command.gc)
+app.command()(cli_verify.verify)
 
 
 def _report_error(error: Exception) -> int:

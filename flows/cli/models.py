@@ -285,6 +285,8 @@ def models(
 ) -> None:
     """Registered models: versions, aliases and the champion's headline metric; with --history every gate
     decision, forced promotion and rollback per version (who, when, why, both numbers)."""
+    from flows.registry.verify import summary
+
     client = _client()
     registered = _registered_models(client, model)
     if history:
@@ -299,16 +301,19 @@ def models(
             key = tags.get("lmp.gate.metric") or next((k for k in HEADLINE.values() if k in tags), "val_bpc")
             headline = f"{key} {tags.get(key, '?')}"
         aliases = {a: int(v) for a, v in sorted(found.aliases.items(), key=lambda kv: kv[0])}
-        rows.append({"model": found.name, "versions": len(versions), "aliases": aliases, "champion_metric": headline})
+        verified = {int(v.version): summary(v.tags) for v in versions if summary(v.tags)}  # `lmp verify`'s last word
+        rows.append({"model": found.name, "versions": len(versions), "aliases": aliases, "champion_metric": headline,
+                     "verified": dict(sorted(verified.items()))})  # fmt: skip
     if format == "json":
         typer.echo(json.dumps(rows))
         return
     table = Table(title="registered models")
-    for column in ("model", "versions", "aliases", "champion metric"):
+    for column in ("model", "versions", "aliases", "champion metric", "verified"):
         table.add_column(column)
     for row in rows:
         aliases = ", ".join(f"@{a} → v{v}" for a, v in row["aliases"].items())
-        table.add_row(row["model"], str(row["versions"]), aliases or "-", row["champion_metric"])
+        verified = ", ".join(f"v{v} {said}" for v, said in row["verified"].items())
+        table.add_row(row["model"], str(row["versions"]), aliases or "-", row["champion_metric"], verified)
     _wide().print(table)
 
 
