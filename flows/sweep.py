@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from flows import prefect_links, tasks, tracking
 from flows.config import AnySpec, SweepConfig, validate_spec
 from flows.registry import reports as reporting
+from flows.registry import verify as verification
 from lm.config import flatten
 from lm.results import Evaluation, Init, Trained
 
@@ -87,6 +88,7 @@ def lm_trial(spec: AnySpec, job: dict) -> dict:
     try:
         params = flatten(spec.model_dump(mode="json", exclude={"name", "sweep"}, exclude_none=True))
         tracking.log_params(run_id, params | task.params(encoded, init))
+        verification.record(run_id, spec)  # the trial's spec and this machine (its threads), for `lmp verify`
         with tracking.MetricSink(run_id) as sink:
             trained = task.fit(
                 encoded,
