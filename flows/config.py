@@ -80,6 +80,9 @@ class PromoteConfig(Frozen):
     """A NaN/inf challenger metric never promotes."""
     auto: bool = True
     """Run the gate after every registration (otherwise only `lmp promote` moves @champion)."""
+    max_repetition_increase: float | None = Field(default=None, ge=0.0)
+    """Generation card rule (language and seq2seq models): refuse a challenger whose mean repetition rate (share of
+    repeated 4-grams of tokens, 0–1) exceeds the champion's by more than this. None: off."""
 
 
 Scalar = str | int | float | bool | None

@@ -150,6 +150,53 @@ def compare_frame(pipeline: str | None, limit: int, where: list[str] = (), sort:
     return frame
 
 
+def _compare_samples(first: str, second: str) -> None:
+    """The generation card of two registered versions, in the terminal."""
+    from flows.registry import samples
+    from lm.errors import DataError
+    from lm.samples import STATS
+
+    _client()
+    try:
+        card = samples.compare_versions(first, second, WORK_DIR)
+    except DataError as e:
+        raise fail(str(e)) from None
+    if card is None:
+        raise fail(
+            f"{first} and {second}: not two text generators of one kind (a classifier or an encoder has no card)"
+        )
+    out, (a, b) = _wide(), (card.champion, card.challenger)
+    out.print(f"{len(card.rows)} prompts; {card.settings}", markup=False, highlight=False)
+    for note in card.notes:
+        out.print(note, markup=False, highlight=False)
+    summary = Table(title="means")
+    for column in ("", a, b, "Δ (B − A)"):
+        summary.add_column(escape(column), justify="left" if not column else "right")
+    for stat, (x, y, delta) in card.summary().items():
+        form = STATS[stat][1]
+        summary.add_row(escape(card.label(stat)), *(_num(form, v) for v in (x, y)), f"{delta:+.3f}")
+    out.print(summary)
+    table = Table(show_lines=True)
+    for column in ("prompt", a, b):
+        table.add_column(escape(column), overflow="fold")
+    for row in card.rows:
+        prompt = row.prompt.text + (
+            f"\n(reference: {row.prompt.reference})" if row.prompt.reference is not None else ""
+        )
+        table.add_row(escape(prompt), *(escape(o.text) + "\n[dim]" + escape(_brief(card, o)) + "[/dim]"
+                                        for o in (row.champion, row.challenger)))  # fmt: skip
+    out.print(table)
+
+
+def _num(form: str, x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else form.format(x)
+
+
+def _brief(card, output) -> str:
+    """One line of an output's statistics."""
+    return " · ".join(f"{card.label(s)} {_num('{:.3g}', getattr(output, s))}" for s in card.stats())
+
+
 def _filter(frame, conditions: list[tuple[str, str, str]]):
     """Rows meeting every ``KEY OP VALUE``: numbers compared as numbers, text with = and != only."""
     import pandas as pd
@@ -228,9 +275,21 @@ def compare(
         ),
     ] = None,
     format: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")] = "table",
+    samples: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--samples",
+            metavar="A B",
+            help="Instead: two registered versions (models:/NAME@ALIAS or models:/NAME/N) generating side by side "
+            "from B's pipeline prompts, as the gate's generation card.",
+        ),
+    ] = None,
 ) -> None:
     """Runs side by side: status, task, data digest, architecture, size, each task's metrics in their own
-    columns (one metric name, one unit), speed, wall time, registered version. Newest first unless --sort."""
+    columns (one metric name, one unit), speed, wall time, registered version. Newest first unless --sort.
+    With --samples A B: the two versions' generations side by side, with their statistics."""
+    if samples:
+        return _compare_samples(*samples)
     frame = compare_frame(pipeline, limit, where or [], sort)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)

@@ -44,6 +44,8 @@ from flows.config import PromoteConfig
 
 ALIASES = ("challenger", "champion", "previous")
 HISTORY = "lmp.history."  # tag prefix of the append-only promotion history
+Rule = Callable[[ModelVersion], "tuple[str, str] | None"]
+"""A gate rule beyond the metric: given the champion, None (passes) or (the rule's key, why it refuses)."""
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,9 @@ class Decision:
     forced_by: str | None = None
     mode: str = "min"
     min_improvement: float = 0.0
+    refused_by: str | None = None
+    """The gate rule beyond the metric that refused a challenger the metric let through (e.g.
+    ``max_repetition_increase``)."""
 
     def tags(self) -> dict[str, str]:
         """The decision as version tags (``lmp.gate.*``)."""
@@ -334,8 +339,10 @@ def decide(
     evaluate_champion: Callable[[ModelVersion], float] | None = None,
     *,
     force: bool = False,
+    rule: Rule | None = None,
 ) -> Decision:
-    """Run the gate for ``version`` against the current champion (nothing is moved)."""
+    """Run the gate for ``version`` against the current champion (nothing is moved). ``rule(champion)``, asked
+    whenever the challenger meets another version as champion, may refuse what the metric lets through."""
     champion = alias_version(client, name, "champion")
     challenger_value = metric_of(version, cfg.metric)
     champion_value = None
@@ -349,6 +356,12 @@ def decide(
         passed, reason = False, f"version {version.version} is already @champion; nothing to promote"
     else:
         passed, reason = gate(cfg, challenger_value, champion_value)
+    meets = champion is not None and champion.version != version.version
+    refusal = rule(champion) if rule is not None and meets else None  # asked even when the metric refuses
+    refused_by = None
+    if refusal is not None and passed:
+        refused_by = refusal[0]
+        passed, reason = False, f"{refusal[1]} (promote.{refusal[0]}); the metric said: {reason}"
     forced_by = None
     if force and not passed:
         forced_by = who()
@@ -363,6 +376,7 @@ def decide(
         forced_by=forced_by,
         mode=cfg.mode,
         min_improvement=cfg.min_improvement,
+        refused_by=refused_by if not forced_by else None,
     )
 
 
@@ -387,6 +401,8 @@ def verdict(decision: Decision | dict | None, version: int, *, created: bool = T
         sign = "<" if ours < theirs else (">" if ours > theirs else "=")
         return f"promoted to @champion ({metric} {ours:.4g} {sign} {theirs:.4g} of v{holder})"
     keeps = f" (v{holder} stays @champion)" if holder is not None else ""
+    if d.get("refused_by"):
+        return f"stays @challenger because {d['reason']}{keeps}"
     if not math.isfinite(ours):
         return f"stays @challenger because its {metric} is {ours}, not finite{keeps}"
     if theirs is None:
@@ -453,12 +469,13 @@ def run_gate(
     reason: str = "",
     moves: dict[str, int | None] | None = None,
     attempts: int = 1,
+    rule: Rule | None = None,
 ) -> Decision:
     """Decide and apply under the model's promotion lock. On a lost compare-and-set race (only possible
     without a local lock) decide again against the new champion, up to ``attempts`` times in all."""
     with model_lock(name):
         for attempt in range(1, attempts + 1):
-            decision = decide(client, name, version, cfg, evaluate_champion, force=force)
+            decision = decide(client, name, version, cfg, evaluate_champion, force=force, rule=rule)
             try:
                 apply(client, name, version, decision, reason=reason, moves=moves)
                 return decision

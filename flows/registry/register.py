@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 import lm
 from flows.config import HF_INIT, INIT_URI, PromoteConfig
 from flows.registry import promotion
+from flows.registry.samples import ARTIFACTS, GateCard
 from lm import package as packaging
 from lm.atomic import atomic_dir
 from lm.checkpoint import sha256_file
@@ -93,6 +94,8 @@ class Registered(BaseModel):
     created: bool = True
     """False when the version already held these weights (a rerun): it keeps its card."""
     decision: dict | None = None
+    card: str | None = None
+    """The generation card's artifact on the run (``gate/generation_card.html``) when the gate made one."""
 
 
 def log_and_register(
@@ -118,11 +121,14 @@ def log_and_register(
         lambda: log_model(run_id, package, served).model_uri,
     )
     challenger = {"challenger": int(version.version)}
-    decision = None
+    decision, card = None, None
+    if isinstance(evaluate_champion, ChampionEvaluator):  # the champion's generations beside this run's
+        card = GateCard(evaluate_champion.spec, evaluate_champion.data_path, evaluate_champion.scratch, run_id, package,
+                        int(version.version))  # fmt: skip
     if promote.auto:  # a lost race on a tracking server: decide again against the new champion
         decision = promotion.run_gate(
             client, name, version, promote, evaluate_champion, reason=f"gate after run {run_id}", moves=challenger,
-            attempts=3,
+            attempts=3, rule=card,
         )  # fmt: skip
     else:
         with promotion.model_lock(name):
@@ -135,6 +141,7 @@ def log_and_register(
         model_uri=version.source,
         created=created,
         decision=asdict(decision) if decision else None,
+        card=ARTIFACTS["html"] if card is not None and card.card is not None else None,
     )
 
 
@@ -217,17 +224,26 @@ def init_model(init_from: str, root: Path) -> Init:
     )
 
 
-def champion_evaluator(spec, data_path: Path, scratch: Path) -> Callable:
-    """``evaluate_champion(version) → metric`` for the gate: the champion's package downloaded and scored by
-    the spec's task on this run's validation data at ``data_path`` (NaN where it cannot be compared)."""
-    from lm import tasks
-    from lm.runtime import resolve_runtime
+@dataclass(frozen=True)
+class ChampionEvaluator:
+    """``evaluate_champion(version) → metric`` for the gate: the champion's package downloaded and scored by the
+    spec's task on this run's validation data at ``data_path`` (NaN where it cannot be compared). The gate of a run
+    also lays the champion's generations beside the challenger's from it (``flows.registry.samples``)."""
 
-    task = tasks.of(spec)
+    spec: object
+    data_path: Path
+    scratch: Path
 
-    def evaluate_champion(version) -> float:
-        package = download_package(version.name, version.version, Path(scratch) / f"champion-v{version.version}")
-        metrics = task.evaluate_package(package, data_path, resolve_runtime(spec.train))
-        return metrics.get(spec.promote.metric, float("nan"))
+    def __call__(self, version) -> float:
+        from lm import tasks
+        from lm.runtime import resolve_runtime
 
-    return evaluate_champion
+        dest = Path(self.scratch) / f"champion-v{version.version}"
+        package = download_package(version.name, version.version, dest)
+        metrics = tasks.of(self.spec).evaluate_package(package, self.data_path, resolve_runtime(self.spec.train))
+        return metrics.get(self.spec.promote.metric, float("nan"))
+
+
+def champion_evaluator(spec, data_path: Path, scratch: Path) -> ChampionEvaluator:
+    """The gate's ``evaluate_champion`` for ``spec`` on this run's data (see ``ChampionEvaluator``)."""
+    return ChampionEvaluator(spec, Path(data_path), Path(scratch))

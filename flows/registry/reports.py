@@ -110,6 +110,8 @@ def model_card(spec, run_id: str, card: Card, trained: Trained, metrics: dict[st
     training = f"{trained.steps} steps, {trained.wall_seconds:.0f} s, {trained.tokens_per_second:,.0f} tokens/s"
     rows = [("registered model", f"`{registered.uri}`"), ("MLflow run", f"`{run_id}`"), *card.rows,
             ("training", training), ("promotion", gate)]  # fmt: skip
+    if registered.card:  # the gate met a champion: both models' generations side by side
+        rows.append(("generation card", f"`{registered.card}` (and `.md`) on run `{run_id}`, beside the champion"))
     header = "\n".join(f"| {name} | {value} |" for name, value in rows)
     sections = "".join(f"\n## {title}\n\n{body}\n" for title, body in card.sections)
     return f"""# {spec.name} — version {registered.version}
