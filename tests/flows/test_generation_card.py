@@ -4,8 +4,11 @@ degenerate challenger, and `lmp compare --samples` shows the same view."""
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,63 @@ def test_a_repeating_challenger_is_refused_by_the_repetition_rule(smoke, smoke_d
     listing = runner.invoke(app, ["models", "smoke", "--history", "--format", "json"])
     rows = [r for r in json.loads(listing.output) if r["version"] == version]
     assert rows[-1]["event"] == "rejected" and "max_repetition_increase" in json.dumps(rows[-1])
+
+
+def test_the_mlflow_ui_shows_the_card_among_the_challengers_artifacts(smoke, smoke_dir, tmp_path):
+    """A real `lmp ui` (an `mlflow server`) in headless Chromium: the challenger run's artifacts list the card, its
+    markdown renders with both models' outputs, and the HTML card is embedded in the page."""
+    from mlflow.tracking import MlflowClient
+
+    from flows import tracking
+    from tests.flows.test_mlflow_ui_browser import CHROMIUM, Browser, running_ui
+
+    if CHROMIUM is None and not os.environ.get("CI"):
+        pytest.skip("no Chromium here (apt-get install -y chromium); CI installs it and runs this test")
+    client = MlflowClient()
+    carded = [v for v in client.search_model_versions("name = 'smoke'") if "generation card" in (v.description or "")]
+    run_id = carded[0].run_id if carded else _run(smoke.overridden({"train.seed": 1}), smoke_dir)["run_id"]
+    markdown, _ = _card(run_id, tmp_path)
+    challenger_text = _outputs(markdown)[2]
+    run = client.get_run(run_id)
+    page = f"experiments/{run.info.experiment_id}/runs/{run_id}/artifacts"
+    browser = Browser(Path(tempfile.mkdtemp(dir=tmp_path)))
+    try:
+        with running_ui(smoke_dir, tracking.default_tracking_uri(smoke_dir)) as base:
+            browser.open(tracking.ui_url(base, page), "gate", "model_card.md", name="artifacts")
+            for entry in ("gate", "generation_card.md"):  # open the folder, then the file, as a user clicks
+                assert _until_value(lambda e=entry: browser.evaluate(CLICK % json.dumps(e))), f"no {entry} to click"
+            seen = "document.body.innerText"
+            expected = ("Generation card", "repetition", challenger_text.split("\n")[0][:20])
+            text = lambda: " ".join((browser.evaluate(seen) or "").split())  # noqa: E731
+            assert _until_value(lambda: all(e in text() for e in expected)), f"card not shown: {text()[:2000]}"
+            assert _until_value(lambda: browser.evaluate(CLICK % json.dumps("generation_card.html")))
+
+            # MLflow renders an HTML artifact in a sandboxed frame of its own process (not in this page's DOM): read
+            # what the UI serves that frame, from the page, as it does
+            fetch = f"fetch('get-artifact?path=gate/generation_card.html&run_uuid={run_id}').then(r => r.text())"
+            served = browser.call("Runtime.evaluate", expression=fetch, awaitPromise=True, returnByValue=True)
+            html_card = served["result"].get("value") or ""
+            assert "Generation card" in html_card and html.escape(challenger_text.split("\n")[0]) in html_card
+    finally:
+        browser.close()
+
+
+CLICK = """(() => {
+  const el = [...document.querySelectorAll('body *')].filter(e => e.textContent.trim() === %s).pop();
+  if (!el) return false;
+  el.click();
+  return true;
+})()"""
+"""Click the innermost element whose whole text is the given JSON string (a file or folder in MLflow's artifact
+tree)."""
+
+
+def _until_value(check, deadline_s: float = 60) -> bool:
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)  # bounded poll of the rendering page
+    return False

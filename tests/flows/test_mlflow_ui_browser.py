@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,13 +126,13 @@ def store_uri(store_dir) -> str:
     return tracking.default_tracking_uri(store_dir)
 
 
-@pytest.fixture(scope="module")
-def ui(store_dir, store_uri):
-    """`lmp ui` on that store, started in the project directory as a user would."""
-    port, log = free_port(), store_dir / "ui-browser.log"
+@contextmanager
+def running_ui(project: Path, store_uri: str) -> Iterator[str]:
+    """`lmp ui` on a project's store, started in the project directory as a user would; yields its base URL."""
+    port, log = free_port(), project / "ui-browser.log"
     env = os.environ | {"MLFLOW_TRACKING_URI": store_uri}
     with open(log, "w") as out:
-        server = subprocess.Popen([LMP, "ui", "--port", str(port)], cwd=store_dir, env=env, stdout=out,
+        server = subprocess.Popen([LMP, "ui", "--port", str(port)], cwd=project, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
@@ -147,6 +149,13 @@ def ui(store_dir, store_uri):
         yield base
     finally:
         _stop(server)
+
+
+@pytest.fixture(scope="module")
+def ui(store_dir, store_uri):
+    """`lmp ui` on the session's store."""
+    with running_ui(store_dir, store_uri) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
