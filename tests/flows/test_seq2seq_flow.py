@@ -137,3 +137,17 @@ def test_a_served_translator_answers_over_http(store, tmp_path):
         assert len(body["predictions"]) == 2 and all(isinstance(p, str) for p in body["predictions"])
         status, body, _ = server.post({"inputs": ["Monday"], "params": {"num_beams": 2, "temperature": 0.5}})
         assert status == 400 and "beam search is deterministic" in body["message"]
+
+
+def test_a_registered_translator_replays_identically_with_lmp_verify(store):
+    """`lmp verify` on a seq2seq version: its pairs, its init model's tokenizer and every training step again,
+    from the init model version the run resolved."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from flows.cli.commands import app
+
+    result = CliRunner().invoke(app, ["verify", "models:/smoke-names@champion"])
+    assert result.exit_code == 0, result.output
+    tags = MlflowClient().get_model_version_by_alias("smoke-names", "champion").tags
+    assert [tags[f"lmp.verify.{k}"] for k in ("data", "tokenizer", "loss", "weights")] == ["identical"] * 4
