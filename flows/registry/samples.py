@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 def generates(spec) -> bool:
     """Whether the pipeline's models generate text (a causal language model or a seq2seq model)."""
+    if isinstance(spec, PipelineSpec) and spec.model is None:  # initialised: an encoder gets no card (side_by_side)
+        return True
     return isinstance(spec, Seq2SeqSpec) or (isinstance(spec, PipelineSpec) and spec.model.kind != "encoder")
 
 

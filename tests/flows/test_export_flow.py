@@ -87,6 +87,11 @@ def test_further_pretraining_from_an_exported_folder_starts_from_its_weights_and
     assert {"export/hf/config.json", "export/hf/model.safetensors", "export/hf/tokenizer.json"} <= exported
     run = client.get_run(version.run_id)
     assert run.data.params["init_from"] == f"hf:{tmp_path / 'hf'}" and run.data.params["model.kind"] == "gpt"
+    # a second further-pretraining run meets the first at the gate: the generation card compares them
+    again = lm_pipeline(spec.overridden({"train.seed": 1, "export": []}), workdir=str(store / ".lmp"))
+    assert int(again["registered"]["version"]) == int(version.version) + 1
+    cards = {a.path for a in client.list_artifacts(again["run_id"], "gate")}
+    assert "gate/generation_card.md" in cards
 
 
 def test_lmp_export_onnx_of_the_lstm_runs_in_onnx_runtime_carrying_its_state(store, tmp_path):
