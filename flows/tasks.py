@@ -25,6 +25,7 @@ from flows.registry import promotion
 from flows.registry import register as registry
 from flows.registry import reports as reporting
 from flows.registry.register import Registered
+from flows.registry.samples import GateCard
 from lm import tasks as lm_tasks
 from lm.checkpoint import STEP_PREFIX, latest_checkpoint
 from lm.errors import DataError
@@ -222,10 +223,12 @@ def register(spec: AnySpec, prepared: Prepared, encoded: Encoded, trained: Train
         **task.lineage_tags(init),
         **task.version_tags(evaluation),
     }
-    evaluate_champion = registry.champion_evaluator(spec, Path(prepared.path), Path(workdir) / "runs" / run_id)
+    scratch = Path(workdir) / "runs" / run_id
+    evaluate_champion = registry.champion_evaluator(spec, Path(prepared.path), scratch)
     registered = registry.log_and_register(
         run_id, spec.name, package, tags, task.served(evaluation, trained, encoded), promote=spec.promote,
         evaluate_champion=evaluate_champion,
+        gate_card=lambda version: GateCard(spec, Path(prepared.path), scratch, run_id, package, version),
     )  # fmt: skip
     if registered.decision:
         verdict = promotion.verdict(registered.decision, registered.version, created=registered.created)

@@ -15,7 +15,7 @@ from lm.atomic import atomic_write_bytes
 from lm.cache import Entry, StageCache, inputs_key
 from lm.config import TokenizerConfig
 from lm.errors import DataError
-from lm.tokenizers import Tokenizer, encode_array, load_tokenizer, tokenizer_digest, train_tokenizer
+from lm.tokenizers import Tokenizer, encode_array, load_tokenizer, oov_rates, tokenizer_digest, train_tokenizer
 from lm.versions import code_digest
 
 
@@ -103,6 +103,7 @@ def _build(
         "tokens": {s: int(a.size) for s, a in ids.items()},
         "chars": {s: len(t) for s, t in texts.items()},
         "bytes": {s: len(t.encode("utf-8")) for s, t in texts.items()},
+        "oov_rate": oov_rates(tok, ids),  # a word tokenizer's <unk> share per split ({} for others)
     }
 
 

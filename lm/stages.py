@@ -23,7 +23,7 @@ from lm.models import build_model
 from lm.results import Corpus, Evaluation, Init, Package, TokenShards, Trained
 from lm.runtime import Runtime, resolve_runtime
 from lm.shards import check_vocabulary, open_tokens, tokenize_corpus
-from lm.tokenizers import Tokenizer, encode_array, load_tokenizer, oov_rates
+from lm.tokenizers import Tokenizer, encode_array, load_tokenizer
 from lm.training import fit as fit_model
 
 
@@ -34,12 +34,10 @@ def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) 
 
 
 def tokenize(corpus: Corpus, cfg: TokenizerConfig | Tokenizer, root: Path, *, context_length: int) -> TokenShards:
-    """Train the tokenizer on the training split and write token files (or reuse them); a word tokenizer's
-    out-of-vocabulary rate per split is read from the token files."""
+    """Train the tokenizer on the training split (or use the given one) and write token files (or reuse them); the
+    manifest holds a word tokenizer's out-of-vocabulary rate per split."""
     found = tokenize_corpus(Path(corpus.path), corpus.digest, cfg, Path(root), min_tokens=context_length + 1)
-    path = Path(found["path"])
-    splits = {split: open_tokens(path / f"{split}.bin", found["dtype"]) for split in found["tokens"]}
-    return TokenShards.model_validate(found | {"oov_rate": oov_rates(load_tokenizer(path / "tokenizer.json"), splits)})
+    return TokenShards.model_validate(found)
 
 
 def _split(tokens: TokenShards, split: str) -> np.memmap:

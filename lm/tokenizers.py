@@ -214,7 +214,11 @@ HF_MODELS: dict[str, type[HFTokenizer]] = {"BPE": BPETokenizer, "WordLevel": Wor
 
 def load_tokenizer(path: Path) -> Tokenizer:
     """Load a tokenizer saved by ``save``: our char JSON, or any HF tokenizer.json of a BPE or WordLevel model."""
-    text = Path(path).read_text(encoding="utf-8")
+    return tokenizer_from_json(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def tokenizer_from_json(text: str, path: str = "tokenizer.json") -> Tokenizer:
+    """``load_tokenizer`` of a file's text (``path`` names it in the error)."""
     data = json.loads(text)
     if data.get("kind") == "char":
         return CharTokenizer(data["chars"])

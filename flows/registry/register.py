@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -107,10 +107,12 @@ def log_and_register(
     *,
     promote: PromoteConfig,
     evaluate_champion: Callable | None = None,
+    gate_card: Callable[[int], GateCard] | None = None,
 ) -> Registered:
     """Log the model, register it (or find the version that already holds these weights), run the gate
     and move the aliases — @challenger, and @champion/@previous when it passes — as one unit, under the
-    model's promotion lock. The run stays RUNNING throughout: the caller's tracked run ends it."""
+    model's promotion lock. The run stays RUNNING throughout: the caller's tracked run ends it.
+    ``gate_card(version)``: the generation card the gate builds when the version meets a champion (its rule)."""
     client = MlflowClient()
     version, created = promotion.register_version(
         client,
@@ -121,10 +123,8 @@ def log_and_register(
         lambda: log_model(run_id, package, served).model_uri,
     )
     challenger = {"challenger": int(version.version)}
-    decision, card = None, None
-    if isinstance(evaluate_champion, ChampionEvaluator):  # the champion's generations beside this run's
-        card = GateCard(evaluate_champion.spec, evaluate_champion.data_path, evaluate_champion.scratch, run_id, package,
-                        int(version.version))  # fmt: skip
+    decision = None
+    card = gate_card(int(version.version)) if gate_card is not None else None
     if promote.auto:  # a lost race on a tracking server: decide again against the new champion
         decision = promotion.run_gate(
             client, name, version, promote, evaluate_champion, reason=f"gate after run {run_id}", moves=challenger,
@@ -152,6 +152,17 @@ def download_package(name: str, version: int | str, dest: Path) -> Package:
     found = packaging.find(dest)
     if found is None:
         raise FileNotFoundError(f"models:/{name}/{version} lacks one of {sorted(packaging.FILES.values())}")
+    return found
+
+
+def version_package(version, root: Path) -> Package:
+    """A registered version's package under ``root/NAME-vN``: reused when its weights are the version's
+    (``weights_digest``), else downloaded."""
+    dest = Path(root) / f"{version.name}-v{version.version}"
+    digest = version.tags.get("weights_digest")
+    found = packaging.find(dest) if dest.exists() else None
+    if found is None or (digest and sha256_file(Path(found.weights)) != digest):
+        found = download_package(version.name, version.version, dest)
     return found
 
 
@@ -205,11 +216,8 @@ def init_model(init_from: str, root: Path) -> Init:
     if init_from.startswith(HF_INIT):
         return import_init(init_from, root)
     version = resolve_init(init_from, MlflowClient())
-    dest = Path(root) / f"{version.name}-v{version.version}"
     digest = version.tags.get("weights_digest")
-    found = packaging.find(dest) if dest.exists() else None
-    if found is None or (digest and sha256_file(Path(found.weights)) != digest):
-        found = download_package(version.name, version.version, dest)
+    found = version_package(version, Path(root))
     config = packaging.read_config(found)
     return Init(
         requested=init_from,
@@ -224,26 +232,17 @@ def init_model(init_from: str, root: Path) -> Init:
     )
 
 
-@dataclass(frozen=True)
-class ChampionEvaluator:
-    """``evaluate_champion(version) → metric`` for the gate: the champion's package downloaded and scored by the
-    spec's task on this run's validation data at ``data_path`` (NaN where it cannot be compared). The gate of a run
-    also lays the champion's generations beside the challenger's from it (``flows.registry.samples``)."""
+def champion_evaluator(spec, data_path: Path, scratch: Path) -> Callable:
+    """``evaluate_champion(version) → metric`` for the gate: the champion's package (``version_package`` under
+    ``scratch``, which the generation card shares) scored by the spec's task on this run's validation data at
+    ``data_path`` (NaN where it cannot be compared)."""
+    from lm import tasks
+    from lm.runtime import resolve_runtime
 
-    spec: object
-    data_path: Path
-    scratch: Path
+    task = tasks.of(spec)
 
-    def __call__(self, version) -> float:
-        from lm import tasks
-        from lm.runtime import resolve_runtime
+    def evaluate_champion(version) -> float:
+        metrics = task.evaluate_package(version_package(version, Path(scratch)), data_path, resolve_runtime(spec.train))
+        return metrics.get(spec.promote.metric, float("nan"))
 
-        dest = Path(self.scratch) / f"champion-v{version.version}"
-        package = download_package(version.name, version.version, dest)
-        metrics = tasks.of(self.spec).evaluate_package(package, self.data_path, resolve_runtime(self.spec.train))
-        return metrics.get(self.spec.promote.metric, float("nan"))
-
-
-def champion_evaluator(spec, data_path: Path, scratch: Path) -> ChampionEvaluator:
-    """The gate's ``evaluate_champion`` for ``spec`` on this run's data (see ``ChampionEvaluator``)."""
-    return ChampionEvaluator(spec, Path(data_path), Path(scratch))
+    return evaluate_champion

@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from flows.config import PipelineSpec, Seq2SeqSpec
 from lm import package as packaging
-from lm.checkpoint import sha256_file
 from lm.results import Package
 from lm.samples import MAX_NEW_TOKENS, Prompt, SampleCard, Settings, side_by_side
 
@@ -56,15 +55,10 @@ def settings(spec) -> Settings:
 
 
 def version_package(version: ModelVersion, scratch: Path) -> Package:
-    """A registered version's package under ``scratch`` (reused when its weights are the version's)."""
-    from flows.registry.register import download_package
+    """A registered version's package under ``scratch`` (``flows.registry.register.version_package``)."""
+    from flows.registry import register
 
-    dest = Path(scratch) / f"{version.name}-v{version.version}"
-    found = packaging.find(dest) if dest.exists() else None
-    digest = version.tags.get("weights_digest")
-    if found is None or (digest and sha256_file(Path(found.weights)) != digest):
-        found = download_package(version.name, version.version, dest)
-    return found
+    return register.version_package(version, scratch)
 
 
 def build(spec, data_path: Path | None, champion: Package, challenger: Package,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from lm.errors import DataError
-from lm.tokenizers import UNK, CharTokenizer, Tokenizer
+from lm.tokenizers import UNK, CharTokenizer, Tokenizer, tokenizer_from_json
 
 
 def char_tokenizer_json(tok: CharTokenizer) -> str:
@@ -51,23 +51,15 @@ def tokenizer_config(tok: Tokenizer, *, model_max_length: int, special: dict[str
 def from_hf_tokenizer_json(text: str) -> Tokenizer:
     """One of our tokenizers for an HF ``tokenizer.json``: our own char export becomes the CharTokenizer it
     came from (same ids, same digest); a BPE or WordLevel model is used as it is."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     data = json.loads(text)
     model = data.get("model") or {}
-    kind = model.get("type")
-    if kind == "WordLevel" and _is_char_export(data):
+    if model.get("type") == "WordLevel" and _is_char_export(data):
         chars = sorted(model["vocab"], key=model["vocab"].get)
         return CharTokenizer(chars[1:])
-    if kind == "BPE":
-        from lm.tokenizers import BPETokenizer
-
-        return BPETokenizer(HFTokenizer.from_str(text))
-    if kind == "WordLevel":
-        from lm.tokenizers import WordTokenizer
-
-        return WordTokenizer(HFTokenizer.from_str(text))
-    raise DataError(f"tokenizer.json: a {kind} tokenizer model; supported are BPE and WordLevel")
+    try:
+        return tokenizer_from_json(text)
+    except ValueError as e:
+        raise DataError(f"{e}; supported are BPE and WordLevel tokenizer models") from None
 
 
 def _is_char_export(data: dict) -> bool:
