@@ -125,7 +125,7 @@ class SampleCard:
                  "", f"{len(self.rows)} prompts; {self.settings}.", *(f"\n{n}" for n in self.notes), "",
                  "| mean | champion | challenger | Δ (challenger − champion) |", "|---|---:|---:|---:|"]  # fmt: skip
         for stat, (a, b, d) in self.summary().items():
-            lines.append(f"| {self.label(stat)} | {_num(fmt[stat], a)} | {_num(fmt[stat], b)} | {_signed(d)} |")
+            lines.append(f"| {self.label(stat)} | {number(fmt[stat], a)} | {number(fmt[stat], b)} | {_signed(d)} |")
         for i, row in enumerate(self.rows, 1):
             lines += ["", f"## Prompt {i}", "", _fence(row.prompt.text)]
             if row.prompt.reference is not None:
@@ -135,7 +135,7 @@ class SampleCard:
             lines += ["", "| | champion | challenger |", "|---|---:|---:|"]
             for stat in self.stats():
                 a, b = getattr(row.champion, stat), getattr(row.challenger, stat)
-                lines.append(f"| {self.label(stat)} | {_num(fmt[stat], a)} | {_num(fmt[stat], b)} |")
+                lines.append(f"| {self.label(stat)} | {number(fmt[stat], a)} | {number(fmt[stat], b)} |")
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
@@ -143,15 +143,15 @@ class SampleCard:
         e = html.escape
         fmt = {k: STATS[k][1] for k in STATS}
         summary = "".join(
-            f"<tr><th>{e(self.label(s))}</th><td>{_num(fmt[s], a)}</td><td>{_num(fmt[s], b)}</td>"
+            f"<tr><th>{e(self.label(s))}</th><td>{number(fmt[s], a)}</td><td>{number(fmt[s], b)}</td>"
             f"<td>{_signed(d)}</td></tr>"
             for s, (a, b, d) in self.summary().items()
         )
         rows = []
         for i, row in enumerate(self.rows, 1):
             stats = "".join(
-                f"<tr><th>{e(self.label(s))}</th><td>{_num(fmt[s], getattr(row.champion, s))}</td>"
-                f"<td>{_num(fmt[s], getattr(row.challenger, s))}</td></tr>"
+                f"<tr><th>{e(self.label(s))}</th><td>{number(fmt[s], getattr(row.champion, s))}</td>"
+                f"<td>{number(fmt[s], getattr(row.challenger, s))}</td></tr>"
                 for s in self.stats()
             )
             reference = (f"<p>reference:</p><pre>{e(row.prompt.reference)}</pre>"
@@ -179,7 +179,8 @@ vertical-align:top;text-align:left}}table.outputs{{width:100%;table-layout:fixed
 """
 
 
-def _num(fmt: str, x: float | None) -> str:
+def number(fmt: str, x: float | None) -> str:
+    """``x`` formatted, or a dash when it is missing or not finite (the card's and `lmp compare --samples`'s cells)."""
     return "—" if x is None or not math.isfinite(x) else fmt.format(x)
 
 

@@ -154,7 +154,7 @@ def _compare_samples(first: str, second: str) -> None:
     """The generation card of two registered versions, in the terminal."""
     from flows.registry import samples
     from lm.errors import DataError
-    from lm.samples import STATS
+    from lm.samples import STATS, number
 
     _client()
     try:
@@ -174,7 +174,7 @@ def _compare_samples(first: str, second: str) -> None:
         summary.add_column(escape(column), justify="left" if not column else "right")
     for stat, (x, y, delta) in card.summary().items():
         form = STATS[stat][1]
-        summary.add_row(escape(card.label(stat)), *(_num(form, v) for v in (x, y)), f"{delta:+.3f}")
+        summary.add_row(escape(card.label(stat)), *(number(form, v) for v in (x, y)), f"{delta:+.3f}")
     out.print(summary)
     table = Table(show_lines=True)
     for column in ("prompt", a, b):
@@ -188,13 +188,11 @@ def _compare_samples(first: str, second: str) -> None:
     out.print(table)
 
 
-def _num(form: str, x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else form.format(x)
-
-
 def _brief(card, output) -> str:
     """One line of an output's statistics."""
-    return " · ".join(f"{card.label(s)} {_num('{:.3g}', getattr(output, s))}" for s in card.stats())
+    from lm.samples import number
+
+    return " · ".join(f"{card.label(s)} {number('{:.3g}', getattr(output, s))}" for s in card.stats())
 
 
 def _filter(frame, conditions: list[tuple[str, str, str]]):
