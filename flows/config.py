@@ -22,6 +22,7 @@ from lm.classification.config import HeadConfig, LabelledData
 from lm.config import (
     BuiltinData,
     DataConfig,
+    DataWorkers,
     EvalConfig,
     Frozen,
     ModelConfig,
@@ -328,6 +329,8 @@ class PipelineSpec(_Spec):
     model: ModelConfig | None = None
     """Scratch only (default: gpt); an initialised model brings its own architecture."""
     eval: EvalConfig = EvalConfig()
+    data_workers: DataWorkers = DataWorkers()
+    """How tokenization spreads over local processes or a Dask cluster (same tokens either way)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -144,6 +144,9 @@ class BPETokenizerConfig(Frozen):
     special_tokens: tuple[str, ...] = ("<|endoftext|>",)
     normalization: Literal["none", "NFC", "NFKC"] = "none"
     """Unicode normalisation inside the tokenizer (the data stage already applies `clean.unicode`)."""
+    train_sample_mb: int = Field(default=256, gt=0)
+    """Train on at most this many MB of the training split: 64 evenly spaced windows of it, cut at line ends, when
+    it is larger; the sample is recorded in the token manifest. Encoding covers every split whole."""
 
 
 class WordTokenizerConfig(Frozen):
@@ -157,6 +160,9 @@ class WordTokenizerConfig(Frozen):
     """Lowercase the text before splitting it (one token for "The" and "the")."""
     min_frequency: int = Field(default=1, ge=1)
     """A word must occur at least this often in the training split to get its own id."""
+    train_sample_mb: int = Field(default=256, gt=0)
+    """Train on at most this many MB of the training split: 64 evenly spaced windows of it, cut at line ends, when
+    it is larger; the sample is recorded in the token manifest. Encoding covers every split whole."""
 
     @field_validator("vocab_size")
     @classmethod
@@ -170,6 +176,21 @@ class WordTokenizerConfig(Frozen):
 
 
 TokenizerConfig = Annotated[CharTokenizerConfig | BPETokenizerConfig | WordTokenizerConfig, Field(discriminator="kind")]
+
+
+class DataWorkers(Frozen):
+    """How the tokenize stage spreads its work: each split cut into shards at line-chunk boundaries, encoded by
+    local processes or by the workers of a Dask scheduler. The tokens are identical either way, so none of this
+    is part of a cache key."""
+
+    processes: int | None = Field(default=None, gt=0)
+    """Local processes (default: the cores this process may use); 1 encodes every shard in this process."""
+    scheduler_address: str | None = None
+    """A Dask scheduler, e.g. tcp://10.0.0.5:8786, whose workers encode the shards. They need this project
+    installed and the work directory at the same path (a shared file system), as data-parallel training does."""
+    shard_mb: float = Field(default=32, gt=0)
+    """Text per shard in MB (rounded up to a chunk boundary); a split smaller than this is one shard, encoded
+    in this process."""
 
 
 class GPTConfig(Frozen):

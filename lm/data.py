@@ -1,24 +1,33 @@
-"""Sources → cleaned documents → train/validation/test split, written once under a content digest.
+"""Sources → cleaned documents → train/validation/test split, streamed to disk once under a content digest.
 
 A corpus directory ``<root>/<digest[:16]>`` holds ``train.txt``, ``val.txt`` (``test.txt``) and
 ``manifest.json``. The ingest cache key digests what the corpus depends on — the source spec, the
 source files' contents, the cleaning and split configs and this code — and ``<root>/index/<key>.json``
-points at the corpus it produced (``lm.cache``, by content). A hit is re-verified against the files on disk
-(their digest) before it is trusted.
+points at the corpus it produced (``lm.cache``, by content).
+
+Documents stream from the source through cleaning into the split files one at a time: memory holds one
+document and a block of text, never the corpus (a `tail` split is written whole first and cut where the
+fractions fall). A hit is checked against the manifest's file sizes; ``verify_corpus`` re-hashes the files
+against their recorded digests (``lmp plan --verify``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import unicodedata
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lm import sources
-from lm.cache import Entry, StageCache, inputs_key
+from lm.cache import MANIFEST, Entry, StageCache, inputs_key
 from lm.config import CleanConfig, DataConfig, SplitConfig
 from lm.corpora.shakespeare import Document
 from lm.errors import DataError
+from lm.textstream import BLOCK
 from lm.versions import code_digest
 
 DOC_SEPARATOR = "\n\n"
@@ -39,42 +48,58 @@ class Corpus:
         return self.path / f"{split}.txt"
 
 
-# ---------------------------------------------------------------- cleaning and splitting
+# ---------------------------------------------------------------- cleaning
 
 
-def clean(docs: list[Document], cfg: CleanConfig) -> tuple[list[Document], dict[str, int]]:
-    """Normalise newlines and Unicode, drop short and duplicate documents; returns the step counts."""
-    counts = {"documents_loaded": len(docs)}
-    out = []
+def clean_documents(docs: Iterable[Document], cfg: CleanConfig, counts: dict[str, int]) -> Iterator[Document]:
+    """Normalise newlines and Unicode, drop short and duplicate documents, one document at a time; ``counts``
+    holds each step's count so far (final once the documents are exhausted)."""
+    counts.update(documents_loaded=0, after_dropping_empty=0, after_min_chars=0, after_dedupe=0)
+    seen: set[bytes] = set()
     for d in docs:
+        counts["documents_loaded"] += 1
         text = d.text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
         if cfg.unicode != "none":
             text = unicodedata.normalize(cfg.unicode, text)
-        out.append(Document(d.title, d.genre, text.strip("\n")))
-    out = [d for d in out if d.text.strip()]
-    counts["after_dropping_empty"] = len(out)
-    out = [d for d in out if len(d.text) >= cfg.min_chars]
-    counts["after_min_chars"] = len(out)
-    if cfg.dedupe:
-        seen: set[str] = set()
-        unique = []
-        for d in out:
-            h = hashlib.sha256(d.text.encode()).hexdigest()
-            if h not in seen:
-                seen.add(h)
-                unique.append(d)
-        out = unique
-    counts["after_dedupe"] = len(out)
-    return out, counts
+        text = text.strip("\n")
+        if not text.strip():
+            continue
+        counts["after_dropping_empty"] += 1
+        if len(text) < cfg.min_chars:
+            continue
+        counts["after_min_chars"] += 1
+        if cfg.dedupe:
+            h = hashlib.sha256(text.encode()).digest()
+            if h in seen:
+                continue
+            seen.add(h)
+        counts["after_dedupe"] += 1
+        yield Document(d.title, d.genre, text)
+
+
+def clean(docs: list[Document], cfg: CleanConfig) -> tuple[list[Document], dict[str, int]]:
+    """``clean_documents`` of a list: the kept documents and the step counts."""
+    counts: dict[str, int] = {}
+    return list(clean_documents(docs, cfg, counts)), counts
+
+
+# ---------------------------------------------------------------- splitting, streamed to files
+
+
+def tail_cut(length: int, fraction: float, rfind_newline: Callable[[int], int]) -> int:
+    """Where a text of ``length`` characters is cut so that roughly its last ``fraction`` is the second part:
+    just after the last line end before that point (``rfind_newline(end)``: the index of the last ``\\n``
+    before ``end``, or -1)."""
+    if fraction <= 0:
+        return length
+    cut = int(length * (1.0 - fraction))
+    newline = rfind_newline(cut)
+    return newline + 1 if newline > 0 else cut
 
 
 def split_tail(text: str, fraction: float) -> tuple[str, str]:
     """Split at a line boundary so that roughly the last ``fraction`` of the text is the second part."""
-    if fraction <= 0:
-        return text, ""
-    cut = int(len(text) * (1.0 - fraction))
-    newline = text.rfind("\n", 0, cut)
-    cut = newline + 1 if newline > 0 else cut
+    cut = tail_cut(len(text), fraction, lambda end: text.rfind("\n", 0, end))
     return text[:cut], text[cut:]
 
 
@@ -87,32 +112,145 @@ def document_split(doc: Document, cfg: SplitConfig) -> str:
     return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
 
 
-def split(docs: list[Document], cfg: SplitConfig, max_chars: int | None) -> dict[str, str]:
-    """train / val / test text (test may be empty) for the split ``cfg`` describes."""
+class _TextFile:
+    """A UTF-8 file written piece by piece, counting characters and bytes; it remembers where each piece
+    starts, so a character position can be found again without reading the file whole."""
+
+    def __init__(self, path: Path, max_chars: int | None = None):
+        self.path, self.max_chars = Path(path), max_chars
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self.chars = self.bytes = 0
+        self.starts: tuple[list[int], list[int]] = ([], [])  # (characters, bytes) before each piece
+
+    def write(self, text: str) -> None:
+        """Append ``text`` (cut so the file stays within ``max_chars``)."""
+        if self.max_chars is not None:
+            text = text[: max(self.max_chars - self.chars, 0)]
+        if not text:
+            return
+        data = text.encode("utf-8")
+        self.starts[0].append(self.chars)
+        self.starts[1].append(self.bytes)
+        self.file.write(data)
+        self.chars += len(text)
+        self.bytes += len(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _piece(self, j: int) -> str:
+        end = self.starts[1][j + 1] if j + 1 < len(self.starts[1]) else self.bytes
+        with open(self.path, "rb") as f:
+            f.seek(self.starts[1][j])
+            return f.read(end - self.starts[1][j]).decode("utf-8")
+
+    def rfind_newline(self, end: int) -> int:
+        """The character index of the last ``\\n`` before ``end``, or -1 (reads back one piece at a time)."""
+        j = bisect_right(self.starts[0], end - 1) - 1
+        while j >= 0:
+            start = self.starts[0][j]
+            i = self._piece(j).rfind("\n", 0, end - start)
+            if i >= 0:
+                return start + i
+            end, j = start, j - 1
+        return -1
+
+    def byte_offset(self, char: int) -> int:
+        """The byte offset of character ``char`` (``chars`` for the end)."""
+        if char >= self.chars:
+            return self.bytes
+        j = bisect_right(self.starts[0], char) - 1
+        return self.starts[1][j] + len(self._piece(j)[: char - self.starts[0][j]].encode("utf-8"))
+
+
+def write_splits(docs: Iterable[Document], cfg: SplitConfig, max_chars: int | None, out: Path) -> dict[str, int]:
+    """Write the train / val / test text the split ``cfg`` describes into ``out/<split>.txt`` (an empty split:
+    no file), streaming: `tail` writes the documents joined, then cuts at the fractions; `documents` appends
+    each document to the split its hash names. Returns each written split's length in characters."""
+    out = Path(out)
     if cfg.kind == "tail":
-        text = DOC_SEPARATOR.join(d.text for d in docs) + "\n"
-        text = text[:max_chars] if max_chars else text
-        rest, test = split_tail(text, cfg.test_fraction)
-        train, val = split_tail(rest, cfg.val_fraction / (1.0 - cfg.test_fraction))
-        return {"train": train, "val": val, "test": test}
-    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
-    total = 0
-    for d in docs:
-        if max_chars and total >= max_chars:
-            break
-        parts[document_split(d, cfg)].append(d.text)
-        total += len(d.text)
-    return {s: (DOC_SEPARATOR.join(p) + "\n" if p else "") for s, p in parts.items()}
+        whole = _TextFile(out / "train.txt", max_chars)
+        for d in docs:
+            whole.write((DOC_SEPARATOR if whole.chars else "") + d.text)
+        whole.write("\n" if whole.chars else "")
+        whole.close()
+        test = tail_cut(whole.chars, cfg.test_fraction, whole.rfind_newline)
+        val = tail_cut(test, cfg.val_fraction / (1.0 - cfg.test_fraction), whole.rfind_newline)
+        cuts = {"train": (0, val), "val": (val, test), "test": (test, whole.chars)}
+        offsets = {s: (whole.byte_offset(a), whole.byte_offset(b)) for s, (a, b) in cuts.items()}
+        for split in ("val", "test"):
+            _copy_range(whole.path, out / f"{split}.txt", *offsets[split])
+        os.truncate(whole.path, offsets["train"][1])
+        chars = {s: b - a for s, (a, b) in cuts.items()}
+    else:
+        files = {s: _TextFile(out / f"{s}.txt") for s in SPLITS}
+        total = 0
+        for d in docs:
+            if max_chars and total >= max_chars:
+                continue  # read on: the cleaning counts cover every document, as the manifest says
+            file = files[document_split(d, cfg)]
+            file.write((DOC_SEPARATOR if file.chars else "") + d.text)
+            total += len(d.text)
+        for file in files.values():
+            file.write("\n" if file.chars else "")
+            file.close()
+        chars = {s: f.chars for s, f in files.items()}
+    for split, n in chars.items():
+        if not n:
+            (out / f"{split}.txt").unlink(missing_ok=True)
+    return {s: n for s, n in chars.items() if n}
+
+
+def _copy_range(src: Path, dst: Path, start: int, end: int) -> None:
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        f.seek(start)
+        left = end - start
+        while left > 0 and (block := f.read(min(BLOCK, left))):
+            g.write(block)
+            left -= len(block)
+
+
+def split(docs: list[Document], cfg: SplitConfig, max_chars: int | None) -> dict[str, str]:
+    """train / val / test text (test may be empty) for the split ``cfg`` describes (``write_splits``, in memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_splits(docs, cfg, max_chars, Path(tmp))
+        return {s: _read(Path(tmp) / f"{s}.txt") for s in SPLITS}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def _digests(blocks: Callable[[str], Iterable[bytes]], sizes: dict[str, int]) -> tuple[str, dict[str, str]]:
+    """The corpus digest — sha256 over each split's name, byte length and bytes, in ``SPLITS`` order (and so over
+    the split assignment) — and each non-empty split's own sha256, from one read of its ``blocks(split)``."""
+    h, each = hashlib.sha256(), {}
+    for name in SPLITS:
+        h.update(f"{name}:{sizes.get(name, 0)}\n".encode())
+        if sizes.get(name):
+            own = hashlib.sha256()
+            for block in blocks(name):
+                h.update(block)
+                own.update(block)
+            each[name] = own.hexdigest()
+    return h.hexdigest(), each
 
 
 def corpus_digest(texts: dict[str, str]) -> str:
-    """sha256 over the cleaned text of every split (and so over the split assignment)."""
-    h = hashlib.sha256()
-    for name in SPLITS:
-        data = texts.get(name, "").encode("utf-8")
-        h.update(f"{name}:{len(data)}\n".encode())
-        h.update(data)
-    return h.hexdigest()
+    """The corpus digest of split texts held in memory."""
+    data = {s: t.encode("utf-8") for s, t in texts.items()}
+    return _digests(lambda s: [data[s]], {s: len(b) for s, b in data.items()})[0]
+
+
+def file_digests(path: Path, sizes: dict[str, int]) -> tuple[str, dict[str, str]]:
+    """The corpus digest and each split's sha256 of the split files under ``path`` (read block by block)."""
+
+    def blocks(split: str) -> Iterator[bytes]:
+        with open(Path(path) / f"{split}.txt", "rb") as f:
+            while block := f.read(BLOCK):
+                yield block
+
+    return _digests(blocks, sizes)
 
 
 # ---------------------------------------------------------------- the ingest stage, cached
@@ -126,15 +264,41 @@ def ingest_inputs(cfg: DataConfig, base_dir: Path) -> dict:
         "clean": cfg.clean.model_dump(mode="json"),
         "split": cfg.split.model_dump(mode="json"),
         "max_chars": cfg.max_chars,
-        "code": code_digest("lm.data", "lm.sources", "lm.corpora.shakespeare"),
+        "code": code_digest("lm.data", "lm.sources", "lm.textstream", "lm.corpora.shakespeare"),
     }
 
 
 def _intact(entry: Entry) -> bool:
-    """The corpus files still digest to what the index recorded (edited or truncated: rebuild, never trust)."""
+    """The corpus files are where the manifest says, at its sizes (a truncated, extended or missing file: rebuild).
+    Contents are re-hashed on demand only (``verify_corpus``): a hit costs a few ``stat`` calls at any size."""
     path, manifest = entry.path, entry.manifest
-    texts = {s: path.joinpath(f"{s}.txt").read_text(encoding="utf-8") for s in manifest["chars"]}
-    return isinstance(manifest["documents"], int) and corpus_digest(texts) == entry.digest
+    sizes = {s: path.joinpath(f"{s}.txt").stat().st_size for s in manifest["chars"]}
+    return isinstance(manifest["documents"], int) and sizes == manifest["bytes"]
+
+
+def verify_corpus(root: Path, key: str) -> list[str] | None:
+    """Re-hash the corpus cached under ``key`` against its manifest: what differs (empty when intact), or None
+    when nothing usable is cached. A damaged corpus is set aside (its manifest renamed ``manifest.json.damaged``)
+    so the next run rebuilds it."""
+    entry = _cache(root).find(key)
+    if entry is None:
+        return None
+    manifest = entry.manifest
+    digest, each = file_digests(entry.path, manifest["bytes"])
+    recorded = manifest.get("sha256", {})  # corpora written before per-file digests have the corpus digest only
+    problems = [f"{s}.txt: sha256 {each[s][:12]}… differs from the recorded {recorded[s][:12]}…"
+                for s in each if s in recorded and recorded[s] != each[s]]  # fmt: skip
+    if digest != entry.digest and not problems:
+        problems.append(f"the corpus digest {digest[:12]}… differs from the recorded {entry.digest[:12]}…")
+    if problems:
+        set_aside(entry.path)
+    return problems
+
+
+def set_aside(path: Path) -> None:
+    """Mark a cached result damaged: its manifest renamed, so lookups miss and the next build replaces it whole."""
+    manifest = Path(path) / MANIFEST
+    manifest.rename(manifest.with_name(MANIFEST + ".damaged"))
 
 
 def _cache(root: Path) -> StageCache:
@@ -171,41 +335,48 @@ def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int 
 
 def _build(cfg: DataConfig, root: Path, key: str, tmp: Path, *, base_dir: Path, min_chars: int) -> dict:
     """``build_corpus`` after a cache miss, holding the key's lock: the split texts into ``tmp``; the manifest."""
-    docs, load_report = sources.load(cfg, Path(base_dir), root / "cache")
+    report, counts, titles, genres = sources.LoadReport(), {}, [], []
     name = sources.describe(cfg)
-    if not docs:
-        raise DataError(f"data source {name} produced no documents ({len(load_report.skipped)} files skipped)")
-    docs, counts = clean(docs, cfg.clean)
-    if not docs:
+    docs = clean_documents(sources.iter_documents(cfg, Path(base_dir), root / "cache", report), cfg.clean, counts)
+
+    def noted(docs: Iterable[Document]) -> Iterator[Document]:
+        for d in docs:
+            titles.append(d.title)
+            genres.append(d.genre)
+            yield d
+
+    chars = write_splits(noted(docs), cfg.split, cfg.max_chars, tmp)
+    if not counts["documents_loaded"]:
+        raise DataError(f"data source {name} produced no documents ({len(report.skipped)} files skipped)")
+    if not titles:
         raise DataError(f"data source {name}: every document was filtered out by cleaning ({counts})")
-    texts = split(docs, cfg.split, cfg.max_chars)
-    _check_sizes(name, texts, cfg.split, min_chars, len(docs))
-    for s, text in texts.items():
-        if text:
-            (tmp / f"{s}.txt").write_text(text, encoding="utf-8")
+    _check_sizes(name, chars, cfg.split, min_chars, len(titles))
+    sizes = {s: (tmp / f"{s}.txt").stat().st_size for s in chars}
+    digest, each = file_digests(tmp, sizes)
     return {
-        "digest": corpus_digest(texts),
+        "digest": digest,
         "source": name,
-        "documents": len(docs),
-        "chars": {s: len(t) for s, t in texts.items() if t},
-        "bytes": {s: len(t.encode()) for s, t in texts.items() if t},
-        "titles": [d.title for d in docs],
-        "genres": [d.genre for d in docs],
+        "documents": len(titles),
+        "chars": chars,
+        "bytes": sizes,
+        "sha256": each,
+        "titles": titles,
+        "genres": genres,
         "cached": False,
         "key": key,
         "counts": counts,
-        "skipped": load_report.skipped,
-        "replaced_chars": load_report.replaced_chars,
+        "skipped": report.skipped,
+        "replaced_chars": report.replaced_chars,
     }
 
 
-def _check_sizes(name: str, texts: dict[str, str], cfg: SplitConfig, min_chars: int, documents: int) -> None:
+def _check_sizes(name: str, chars: dict[str, int], cfg: SplitConfig, min_chars: int, documents: int) -> None:
     wanted = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
-    short = {s: len(texts[s]) for s in wanted if len(texts[s]) < min_chars}
+    short = {s: chars.get(s, 0) for s in wanted if chars.get(s, 0) < min_chars}
     if short:
         sizes = ", ".join(f"{s}: {n} characters" for s, n in short.items())
         raise DataError(
-            f"data source {name}: {documents} documents, {sum(map(len, texts.values()))} characters; split "
+            f"data source {name}: {documents} documents, {sum(chars.values())} characters; split "
             f"too short ({sizes}), each needs more than {min_chars - 1} (one context window + 1). Add data, "
             "raise the split fractions or max_chars, or shorten model.context_length"
         )

@@ -84,10 +84,12 @@ def plan(
     base_dir: Path,
     resume: PendingResume | None = None,
     init_from: str | None = None,
+    verify: bool = False,
 ) -> list[StagePlan]:
     """Predict, without running anything, which stages the next run skips and why the others run;
     ``resume``: the interrupted run the next run would continue, when there is one; ``init_from``: the model
-    the run starts from (whose tokenizer only the run resolves)."""
+    the run starts from (whose tokenizer only the run resolves); ``verify``: re-hash the cached corpus and token
+    shards (a hit is otherwise checked by file sizes) — damaged ones are set aside for the next run to rebuild."""
     if init_from is not None:
 
         def cached(key: str) -> dict | None:
@@ -103,20 +105,34 @@ def plan(
         ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))
     except (OSError, ValueError) as e:
         return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
+    if verify and (damage := data.verify_corpus(workdir / "data", inputs_key(ingest_now))):
+        return [StagePlan("ingest", "run", _damaged(damage))] + _rest(
+            "tokenize", "depends on ingest, which runs (reused if the corpus comes out identical)", resume
+        )
     corpus = data.cached_corpus(workdir / "data", inputs_key(ingest_now))
     if corpus is None:
         why = changes(last.get("ingest"), ingest_now) or ["cached corpus missing or altered on disk"]
         return [StagePlan("ingest", "run", "; ".join(why))] + _rest(
             "tokenize", "depends on ingest, which runs (reused if the corpus comes out identical)", resume
         )
-    stages = [StagePlan("ingest", "cached", f"digest {corpus.digest[:12]}…")]
+    checked = " (re-hashed: intact)" if verify else ""
+    stages = [StagePlan("ingest", "cached", f"digest {corpus.digest[:12]}…{checked}")]
     tokenize_now = shards.tokenize_inputs(corpus.digest, tokenizer_cfg)
-    if (hit := shards.cached_tokens(workdir / "tokens", inputs_key(tokenize_now))) is not None:
-        stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values())} tokens, key {hit['key'][:12]}…"))
+    key = inputs_key(tokenize_now)
+    if verify and (damage := shards.verify_tokens(workdir / "tokens", key)):
+        stages.append(StagePlan("tokenize", "run", _damaged(damage)))
+    elif (hit := shards.cached_tokens(workdir / "tokens", key)) is not None:
+        shards_count = sum(map(len, hit.get("shards", {}).values())) or len(hit["tokens"])
+        stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values())} tokens in {shards_count} "
+                                f"shard(s), key {hit['key'][:12]}…{checked}"))  # fmt: skip
     else:
         why = changes(last.get("tokenize"), tokenize_now) or ["cached tokens missing or altered on disk"]
         stages.append(StagePlan("tokenize", "run", "; ".join(why)))
     return stages + _rest(None, None, resume)
+
+
+def _damaged(problems: list[str]) -> str:
+    return f"damaged on disk: {'; '.join(problems)} — set aside, the next run rebuilds it"
 
 
 def plan_examples(

@@ -110,6 +110,10 @@ class TokenShards(Encoded):
     oov_rate: dict[str, float] = {}
     """Per split, the fraction of tokens that are ``<unk>`` (a word tokenizer's out-of-vocabulary rate); empty
     for other tokenizers."""
+    shards: dict[str, list[dict]] = {}
+    """Per split, its shards in order: ``{"tokens", "sha256"}`` (what ``lmp plan --verify`` re-hashes)."""
+    train_sample: dict | None = None
+    """What the tokenizer was trained on: ``bytes`` of the training split's ``of_bytes`` in ``windows``."""
 
     def sizes(self) -> dict:
         return self.tokens

@@ -7,35 +7,25 @@ Paths are resolved against an explicit ``base_dir``; nothing here reads the envi
 
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
 import hashlib
 import importlib.metadata
 import json
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.atomic import atomic_write_bytes
 from lm.config import BuiltinData, DataConfig, FilesData, HubData
 from lm.corpora.shakespeare import Document, load_plays, play_files
-from lm.errors import DataError
+from lm.textstream import BLOCK, Decoder, SourceError, blocks, encoding, sha256_file
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown"}
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 SNIFF_BYTES = 8192
-# Longest first: the UTF-32-LE BOM begins with the UTF-16-LE one.
-BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32-le"),
-    (codecs.BOM_UTF32_BE, "utf-32-be"),
-    (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le"),
-    (codecs.BOM_UTF16_BE, "utf-16-be"),
-)
-
-
-class SourceError(DataError):
-    """A source cannot be read as configured; the message names the input and what to do."""
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
 @dataclass
@@ -93,7 +83,7 @@ def local_dataset(dataset: str, base_dir: Path, *, allow_outside: bool, key: str
 def _digest_files(files: list[Path], root: Path) -> dict[str, str]:
     out = {}
     for path in files:
-        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        h = sha256_file(path)  # block by block: a source file may be larger than memory
         try:
             name = str(path.resolve().relative_to(Path(root).resolve()))
         except ValueError:
@@ -108,14 +98,20 @@ def _digest_files(files: list[Path], root: Path) -> dict[str, str]:
 def load(cfg: DataConfig, base_dir: Path, cache_dir: Path) -> tuple[list[Document], LoadReport]:
     """The documents ``cfg`` selects, in a deterministic order, and what was skipped or replaced."""
     report = LoadReport()
+    return list(iter_documents(cfg, base_dir, cache_dir, report)), report
+
+
+def iter_documents(cfg: DataConfig, base_dir: Path, cache_dir: Path, report: LoadReport) -> Iterator[Document]:
+    """``load``'s documents one at a time, read as they are needed: memory holds one document (plus a block of
+    its file), never the corpus. ``report`` fills in as they are read."""
     match cfg:
         case BuiltinData():
-            docs = load_plays(plays=cfg.plays, genres=cfg.genres, stage_directions=cfg.stage_directions)
+            yield from load_plays(plays=cfg.plays, genres=cfg.genres, stage_directions=cfg.stage_directions)
         case FilesData():
-            docs = [d for path in resolve_files(cfg, base_dir) for d in _load_file(path, cfg, Path(cache_dir), report)]
+            for path in resolve_files(cfg, base_dir):
+                yield from _load_file(path, cfg, Path(cache_dir), report)
         case HubData():
-            docs = _load_hub(cfg, Path(base_dir), Path(cache_dir))
-    return docs, report
+            yield from _load_hub(cfg, Path(base_dir), Path(cache_dir))
 
 
 def resolve_files(cfg: FilesData, base_dir: Path) -> list[Path]:
@@ -157,7 +153,7 @@ def _read_bytes(path: Path) -> tuple[bytes, bool]:
     if data[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(data), True
-        except (OSError, EOFError) as e:
+        except GZIP_ERRORS as e:
             raise SourceError(f"{path}: looks like gzip but cannot be decompressed ({e})") from None
     return data, False
 
@@ -168,55 +164,6 @@ def _format(path: Path, cfg: FilesData) -> str:
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     suffix = suffixes[-1] if suffixes else ""
     return TEXT_SUFFIXES.get(suffix) or TABLE_SUFFIXES.get(suffix) or "text"
-
-
-def encoding(data: bytes) -> tuple[str, int]:
-    """The codec a byte-order mark names and the mark's length; UTF-8 (no mark) otherwise."""
-    for bom, codec in BOMS:
-        if data.startswith(bom):
-            return codec, len(bom)
-    return "utf-8", 0
-
-
-def decode(data: bytes, name: str, errors: str) -> tuple[str, int]:
-    """Text in the encoding its BOM names (UTF-8 when none; the BOM dropped), NUL characters included.
-
-    ``strict`` raises naming the byte offset of the first undecodable byte or NUL; ``replace`` puts U+FFFD
-    in their place and returns how many it replaced.
-    """
-    codec, bom = encoding(data)
-    data = data[bom:]
-    try:
-        text, count = data.decode(codec), 0
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise SourceError(
-                f"{name}: invalid {codec.upper()} at byte offset {e.start + bom} ({data[e.start : e.start + 4]!r}); "
-                "convert the file to UTF-8 or set data.encoding_errors: replace"
-            ) from None
-        text, count = _decode_replacing(data, codec)
-    if "\x00" in text:
-        if errors == "strict":
-            offset = bom + len(text[: text.index("\x00")].encode(codec))
-            raise SourceError(
-                f"{name}: NUL byte at byte offset {offset} (binary data in a text file?); remove it or set "
-                "data.encoding_errors: replace"
-            )
-        count += text.count("\x00")
-        text = text.replace("\x00", "\ufffd")
-    return text, count
-
-
-def _decode_replacing(data: bytes, codec: str) -> tuple[str, int]:
-    parts, count, pos = [], 0, 0
-    while True:
-        try:
-            parts.append(data[pos:].decode(codec))
-            return "".join(parts), count
-        except UnicodeDecodeError as e:
-            parts.append(data[pos : pos + e.start].decode(codec) + "\ufffd")
-            count += 1
-            pos += e.end
 
 
 def _without_nul(data: bytes, name: str, errors: str, report: LoadReport) -> bytes:
@@ -234,26 +181,79 @@ def _without_nul(data: bytes, name: str, errors: str, report: LoadReport) -> byt
     return data.replace(b"\x00", "\ufffd".encode())
 
 
-def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) -> list[Document]:
-    data, gzipped = _read_bytes(path)
+def _load_file(path: Path, cfg: FilesData, cache_dir: Path, report: LoadReport) -> Iterator[Document]:
     fmt = _format(path, cfg)
-    # UTF-16/32 text is full of zero bytes: only a file without such a BOM is sniffed for binary content
-    if fmt != "parquet" and encoding(data)[0] == "utf-8" and b"\x00" in data[:SNIFF_BYTES]:
-        report.skipped.append(f"{path}: binary (NUL bytes), skipped")
-        return []
     if fmt in ("text", "markdown"):
-        text, replaced = decode(data, str(path), cfg.encoding_errors)
-        report.replaced_chars += replaced
-        parts = text.split(cfg.separator) if cfg.separator else [text]
-        return [
-            Document(title=f"{path.name}#{i}" if cfg.separator else path.name, genre="", text=p)
-            for i, p in enumerate(parts)
-        ]
+        yield from _text_documents(path, cfg, report)
+        return
+    data, gzipped = _read_bytes(path)
+    # UTF-16/32 text is full of zero bytes: only a file without such a BOM is sniffed for binary content
+    if fmt != "parquet" and _binary(data):
+        report.skipped.append(f"{path}: binary (NUL bytes), skipped")
+        return
     plain = data if gzipped else None  # the bytes to read when they are not the file's
     if fmt != "parquet":  # a NUL past the sniffed start of a table: an error, or replaced like a bad byte
         cleaned = _without_nul(data, str(path), cfg.encoding_errors, report)
         plain = cleaned if gzipped or cleaned is not data else None
-    return _load_table(path, fmt, plain, cfg, cache_dir)
+    yield from _load_table(path, fmt, plain, cfg, cache_dir)
+
+
+def _binary(head: bytes) -> bool:
+    """NUL bytes near the start of a file without a UTF-16/32 byte-order mark: binary data, not text."""
+    return encoding(head)[0] == "utf-8" and b"\x00" in head[:SNIFF_BYTES]
+
+
+def _text_documents(path: Path, cfg: FilesData, report: LoadReport) -> Iterator[Document]:
+    """A text file's documents (split at ``cfg.separator``, else the whole file), read and decoded block by
+    block (gunzipped when the content is gzip, detected by magic number, not name)."""
+    decoder = Decoder(str(path), cfg.encoding_errors)
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
+        pieces = _decoded(stream, decoder, gzipped, str(path))
+        first = next(pieces, None)
+        if first is None:
+            report.skipped.append(f"{path}: binary (NUL bytes), skipped")
+            return
+        pieces = _chain(first, pieces)
+        if not cfg.separator:
+            yield Document(title=path.name, genre="", text="".join(pieces))
+        else:
+            for i, text in enumerate(_split_stream(pieces, cfg.separator)):
+                yield Document(title=f"{path.name}#{i}", genre="", text=text)
+    report.replaced_chars += decoder.replaced
+
+
+def _decoded(stream, decoder: Decoder, gzipped: bool, name: str) -> Iterator[str]:
+    """Decoded text block by block; nothing at all for a binary file (NUL bytes in its first block)."""
+    try:
+        first = True
+        for block in blocks(stream, BLOCK):
+            if first and _binary(block):
+                return
+            first = False
+            yield decoder.feed(block)
+        yield decoder.feed(b"", final=True)
+    except GZIP_ERRORS as e:
+        if not gzipped:
+            raise
+        raise SourceError(f"{name}: looks like gzip but cannot be decompressed ({e})") from None
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def _split_stream(pieces: Iterator[str], separator: str) -> Iterator[str]:
+    """``"".join(pieces).split(separator)``, one part at a time (a separator may straddle two pieces)."""
+    carry = ""
+    for piece in pieces:
+        parts = (carry + piece).split(separator)
+        yield from parts[:-1]
+        carry = parts[-1]
+    yield carry
 
 
 def _load_table(path: Path, fmt: str, plain: bytes | None, cfg: FilesData, cache_dir: Path) -> list[Document]:
@@ -298,7 +298,7 @@ def _table_documents(table, text_column: str, document_column: str | None, name:
     return [Document(title=key, genre="", text="\n".join(rows)) for key, rows in groups.items()]
 
 
-def _load_hub(cfg: HubData, base_dir: Path, cache_dir: Path) -> list[Document]:
+def _load_hub(cfg: HubData, base_dir: Path, cache_dir: Path) -> Iterator[Document]:
     import datasets
 
     local = local_dataset(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
@@ -324,9 +324,11 @@ def _load_hub(cfg: HubData, base_dir: Path, cache_dir: Path) -> list[Document]:
     columns = list(table.column_names)
     if cfg.text_column not in columns:
         raise SourceError(f"data.dataset {cfg.dataset!r}: no column {cfg.text_column!r}; the columns are {columns}")
-    return [
-        Document(title=f"{cfg.dataset}[{i}]", genre="", text=str(t or "")) for i, t in enumerate(table[cfg.text_column])
-    ]
+    i = 0
+    for batch in table.iter(batch_size=1024):  # a batch of rows at a time, never the whole column
+        for t in batch[cfg.text_column]:
+            yield Document(title=f"{cfg.dataset}[{i}]", genre="", text=str(t or ""))
+            i += 1
 
 
 def describe(cfg: DataConfig) -> str:

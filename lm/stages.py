@@ -15,7 +15,7 @@ import torch
 from lm import package as packaging
 from lm.batches import TokenBatches
 from lm.checkpoint import load_checkpoint, load_weights
-from lm.config import DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
+from lm.config import DataConfig, DataWorkers, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lm.data import build_corpus, summary
 from lm.evaluation import PROTOCOL, lm_metrics, mean_loss, score_split
 from lm.generation import generate
@@ -33,10 +33,15 @@ def ingest(cfg: DataConfig, root: Path, *, base_dir: Path, context_length: int) 
     return Corpus.model_validate(summary(corpus, report))
 
 
-def tokenize(corpus: Corpus, cfg: TokenizerConfig | Tokenizer, root: Path, *, context_length: int) -> TokenShards:
-    """Train the tokenizer on the training split (or use the given one) and write token files (or reuse them); the
-    manifest holds a word tokenizer's out-of-vocabulary rate per split."""
-    found = tokenize_corpus(Path(corpus.path), corpus.digest, cfg, Path(root), min_tokens=context_length + 1)
+def tokenize(
+    corpus: Corpus, cfg: TokenizerConfig | Tokenizer, root: Path, *, context_length: int,
+    workers: DataWorkers = DataWorkers(),
+) -> TokenShards:  # fmt: skip
+    """Train the tokenizer on the training split (or use the given one) and write token files, shard by shard
+    as ``workers`` says (or reuse them); the manifest holds a word tokenizer's out-of-vocabulary rate per split."""
+    found = tokenize_corpus(
+        Path(corpus.path), corpus.digest, cfg, Path(root), min_tokens=context_length + 1, workers=workers
+    )
     return TokenShards.model_validate(found)
 
 

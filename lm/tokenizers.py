@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -12,11 +12,14 @@ import numpy as np
 
 from lm.atomic import atomic_write_bytes
 from lm.config import BPETokenizerConfig, TokenizerConfig, WordTokenizerConfig
+from lm.textstream import chunk_ends
 
 UNK = "\ufffd"
 """The char tokenizer's unknown character (id 0)."""
 WORD_UNK = "<unk>"
 """The word tokenizer's unknown word (id 0)."""
+ENCODE_CHARS = 1 << 21
+"""Characters encoded at once (≈ 2 M: tens of MB of working memory, whatever the corpus size)."""
 
 
 @runtime_checkable
@@ -39,16 +42,31 @@ class CharTokenizer:
     """One id per character of the training text; id 0 is the unknown character (U+FFFD)."""
 
     kind = "char"
+    unk_id = None  # unknown characters map to id 0, but no out-of-vocabulary rate is reported for them
 
     def __init__(self, chars: Sequence[str]):
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError("CharTokenizer needs distinct single characters")
         self.chars = [UNK] + [c for c in chars if c != UNK]
         self._ids = {c: i for i, c in enumerate(self.chars)}
+        self._lut: np.ndarray | None = None
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+        return cls.from_chunks([text])
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[str]) -> CharTokenizer:
+        """Every character of the text ``chunks`` hold, counted block by block (the text is never joined)."""
+        seen = np.zeros(1 << 16, dtype=bool)
+        rare: set[str] = set()  # beyond the Basic Multilingual Plane
+        for text in chunks:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            if codes.size and codes.max() >= seen.size:
+                rare.update(chr(c) for c in np.unique(codes[codes >= seen.size]).tolist())
+                codes = codes[codes < seen.size]
+            seen[codes] = True
+        return cls([chr(c) for c in np.flatnonzero(seen).tolist()] + sorted(rare))
 
     @property
     def vocab_size(self) -> int:
@@ -60,15 +78,25 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Vectorised encode for whole corpora: (len(text),) uint16/uint32."""
+        lut = self._lookup()
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table_size = max(ord(c) for c in self.chars) + 1
-        lut = np.zeros(table_size, dtype=np.int64)
-        for i, c in enumerate(self.chars):
-            lut[ord(c)] = i
-        inside = codes < table_size
-        out = np.zeros(len(codes), dtype=token_dtype(self.vocab_size))
+        inside = codes < lut.size
+        if inside.all():
+            return lut[codes]
+        out = np.zeros(len(codes), dtype=lut.dtype)
         out[inside] = lut[codes[inside]]
         return out
+
+    def encode_chunks(self, chunks: list[str]) -> np.ndarray:
+        """The ids of the chunks' text, in order (one flat array)."""
+        return self.encode_array("".join(chunks))
+
+    def _lookup(self) -> np.ndarray:
+        """Code point → id (unknown characters 0), up to the largest code point of the vocabulary."""
+        if self._lut is None:
+            self._lut = np.zeros(max(ord(c) for c in self.chars) + 1, dtype=token_dtype(self.vocab_size))
+            self._lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        return self._lut
 
     def decode(self, ids: Sequence[int]) -> str:
         chars = self.chars
@@ -85,6 +113,8 @@ class HFTokenizer:
     """A tokenizer of HF `tokenizers` (``hf``), saved in HF's own tokenizer.json format; subclasses train one."""
 
     kind: str
+    unk_id: int | None = None
+    """The id of the unknown token, where out-of-vocabulary rates are reported (word tokenizers)."""
 
     def __init__(self, hf):
         self.hf = hf
@@ -98,8 +128,12 @@ class HFTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Encode in line-aligned chunks, in parallel (line ends are pre-token boundaries)."""
-        chunks = list(_line_chunks(text))
-        ids = [np.asarray(e.ids, dtype=np.int64) for e in self.hf.encode_batch(chunks)]
+        parts = [self.encode_chunks(batch) for batch in batched(line_chunks(text))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=token_dtype(self.vocab_size))
+
+    def encode_chunks(self, chunks: list[str]) -> np.ndarray:
+        """The ids of the line chunks, in order (one flat array), encoded in parallel threads."""
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in self.hf.encode_batch_fast(chunks)]
         flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         return flat.astype(token_dtype(self.vocab_size))
 
@@ -120,7 +154,8 @@ class BPETokenizer(HFTokenizer):
     kind = "bpe"
 
     @classmethod
-    def train(cls, text: str, cfg: BPETokenizerConfig) -> BPETokenizer:
+    def train(cls, text: str | Iterable[str], cfg: BPETokenizerConfig) -> BPETokenizer:
+        """Train on ``text``: a string, or its line chunks (``line_chunks``, ``lm.textstream.text_chunks``)."""
         import tokenizers
         from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -136,7 +171,7 @@ class BPETokenizer(HFTokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
+        hf.train_from_iterator(as_chunks(text), trainer=trainer)
         return cls(hf)
 
 
@@ -152,7 +187,8 @@ class WordTokenizer(HFTokenizer):
     kind = "word"
 
     @classmethod
-    def train(cls, text: str, cfg: WordTokenizerConfig) -> WordTokenizer:
+    def train(cls, text: str | Iterable[str], cfg: WordTokenizerConfig) -> WordTokenizer:
+        """Train on ``text``: a string, or its line chunks (``line_chunks``, ``lm.textstream.text_chunks``)."""
         import tokenizers
         from tokenizers import models, normalizers, pre_tokenizers, trainers
 
@@ -163,7 +199,7 @@ class WordTokenizer(HFTokenizer):
         trainer = trainers.WordLevelTrainer(
             vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[WORD_UNK], show_progress=False
         )
-        hf.train_from_iterator(_line_chunks(text), trainer=trainer)
+        hf.train_from_iterator(as_chunks(text), trainer=trainer)
         return cls(hf)
 
     @property
@@ -185,22 +221,44 @@ def unknown_fraction(ids: np.ndarray, unk_id: int | None) -> float:
 
 def oov_rates(tok: Tokenizer, splits: dict[str, np.ndarray]) -> dict[str, float]:
     """Per split, a word tokenizer's out-of-vocabulary rate over the split's ids; {} for other tokenizers."""
-    if not isinstance(tok, WordTokenizer):
+    if tok.unk_id is None:
         return {}
     return {split: unknown_fraction(ids, tok.unk_id) for split, ids in splits.items()}
 
 
-def _line_chunks(text: str, lines_per_chunk: int = 256):
-    lines = text.splitlines(keepends=True)
-    for i in range(0, len(lines), lines_per_chunk):
-        yield "".join(lines[i : i + lines_per_chunk])
+def line_chunks(text: str) -> list[str]:
+    """``text`` cut into chunks of ``LINES_PER_CHUNK`` ``\\n``-ended lines, as ``lm.textstream.text_chunks`` cuts
+    a file: the pieces tokenizers are trained on and encode."""
+    data = text.encode("utf-8")
+    cuts = [0, *chunk_ends(data, 0)[0].tolist()]
+    if cuts[-1] != len(data):
+        cuts.append(len(data))
+    return [data[a:b].decode("utf-8") for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
-def train_tokenizer(cfg: TokenizerConfig, text: str) -> Tokenizer:
-    """Build the tokenizer ``cfg`` describes from the training text."""
+def as_chunks(text: str | Iterable[str]) -> Iterable[str]:
+    """Text as the line chunks tokenizers train on: a string is cut (``line_chunks``), chunks pass through."""
+    return line_chunks(text) if isinstance(text, str) else text
+
+
+def batched(chunks: Iterable[str], chars: int = ENCODE_CHARS) -> Iterator[list[str]]:
+    """Consecutive chunks grouped into lists of about ``chars`` characters (the unit encoded at once)."""
+    batch, size = [], 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def train_tokenizer(cfg: TokenizerConfig, text: str | Iterable[str]) -> Tokenizer:
+    """Build the tokenizer ``cfg`` describes from the training text (a string, or its line chunks)."""
     match cfg.kind:
         case "char":
-            return CharTokenizer.train(text)
+            return CharTokenizer.from_chunks("".join(batch) for batch in batched(as_chunks(text)))
         case "bpe":
             return BPETokenizer.train(text, cfg)
         case "word":

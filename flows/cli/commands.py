@@ -291,8 +291,14 @@ def plan(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (default: the file's `default`).")] = None,
     config: ConfigOption = Path("pipelines.yaml"),
     overrides: OverrideOption = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-hash the cached corpus and token shards (a run checks sizes only).")
+    ] = False,
 ) -> None:
-    """Say, without running anything, which stages the next run reuses from cache and why the others run."""
+    """Say, without running anything, which stages the next run reuses from cache and why the others run.
+
+    With --verify, cached data is re-hashed against its recorded digests; a damaged corpus or token shard is
+    named, set aside, and rebuilt by the next run."""
     from lm import tasks
 
     spec = pipeline_spec(config, pipeline, overrides)
@@ -304,7 +310,7 @@ def plan(
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "status", "reason"):
         table.add_column(column)
-    for step in tasks.of(spec).plan(WORK_DIR, Path.cwd(), resume):
+    for step in tasks.of(spec).plan(WORK_DIR, Path.cwd(), resume, verify=verify):
         color = {"cached": "green", "refused": "red"}.get(step.status, "yellow")
         status = f"[{color}]{step.status}[/{color}]"
         table.add_row(step.stage, status, step.reason)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm import sources
+from lm import sources, textstream
 from lm.cache import Entry, StageCache
 from lm.classification.data import (
     built_manifest,
@@ -114,7 +114,7 @@ def tatoeba_pairs(path: Path, *, reverse: bool) -> list[Pair]:
     """A tatoeba/Anki file's pairs: UTF-8 lines ``first<TAB>second[<TAB>attribution…]``, no header; the first
     column is the source unless ``reverse``. Blank lines are skipped."""
     data, _ = sources._read_bytes(path)
-    text, _ = sources.decode(data, str(path), "strict")
+    text, _ = textstream.decode(data, str(path), "strict")
     pairs = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -97,8 +97,12 @@ class Task(Protocol):
     def evaluate_package(self, package: Package, data_path: Path, runtime: Runtime) -> dict[str, float]:
         """A packaged model (the champion) scored on this run's validation data at ``data_path``."""
 
-    def plan(self, workdir: Path, base_dir: Path, resume: PendingResume | None) -> list[StagePlan]:
-        """What the next run reuses from cache and why the other stages run (`lmp plan`)."""
+    def plan(
+        self, workdir: Path, base_dir: Path, resume: PendingResume | None, *, verify: bool = False
+    ) -> list[StagePlan]:
+        """What the next run reuses from cache and why the other stages run (`lmp plan`); ``verify``: re-hash
+        what a hit is otherwise trusted by size (a language model's corpus and token shards; examples and pairs
+        are re-hashed on every hit)."""
 
     @staticmethod
     def build_packaged(config: dict) -> nn.Module:

@@ -171,7 +171,7 @@ class Classification:
     def evaluate_package(self, package: Package, data_path: Path, runtime: Runtime) -> dict[str, float]:
         return stages.evaluate_package(package, data_path, runtime, batch_size=self.spec.train.batch_size)
 
-    def plan(self, workdir: Path, base_dir: Path, resume) -> list:
+    def plan(self, workdir: Path, base_dir: Path, resume, *, verify: bool = False) -> list:
         return planning.plan_examples(
             self.spec.name, lambda: labelled.dataset_inputs(self.spec.data, Path(base_dir)),
             lambda key: labelled.cached_dataset(Path(workdir) / self.data_root, key), what="examples",

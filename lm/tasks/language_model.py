@@ -71,7 +71,8 @@ class LanguageModel:
 
     def encode(self, prepared: Prepared, init: Init | None, root: Path) -> TokenShards:
         tokenizer = load_tokenizer(Path(init.package.tokenizer)) if init is not None else self.spec.tokenizer
-        return stages.tokenize(prepared, tokenizer, root, context_length=self.model_config(init).context_length)
+        context = self.model_config(init).context_length
+        return stages.tokenize(prepared, tokenizer, root, context_length=context, workers=self.spec.data_workers)
 
     def ingest_key(self, base_dir: Path) -> str:
         return inputs_key(data.ingest_inputs(self.spec.data, Path(base_dir)))
@@ -167,10 +168,10 @@ class LanguageModel:
     def evaluate_package(self, package: Package, data_path: Path, runtime: Runtime) -> dict[str, float]:
         return stages.evaluate_package(package, data_path, runtime, batch_size=self.spec.train.batch_size)
 
-    def plan(self, workdir: Path, base_dir: Path, resume) -> list:
+    def plan(self, workdir: Path, base_dir: Path, resume, *, verify: bool = False) -> list:
         return planning.plan(
             self.spec.name, self.spec.data, self.spec.tokenizer, workdir=workdir, base_dir=base_dir, resume=resume,
-            init_from=self.init_from(),
+            init_from=self.init_from(), verify=verify,
         )  # fmt: skip
 
     @staticmethod

@@ -228,7 +228,7 @@ class Seq2SeqTask:
     def evaluate_package(self, package: Package, data_path: Path, runtime: Runtime) -> dict[str, float]:
         return stages.evaluate_package(package, data_path, runtime)
 
-    def plan(self, workdir: Path, base_dir: Path, resume) -> list:
+    def plan(self, workdir: Path, base_dir: Path, resume, *, verify: bool = False) -> list:
         inits = [u for u in [self.init_from(), *self.init_parts().values()] if u]
         return planning.plan_examples(
             self.spec.name, lambda: pairdata.dataset_inputs(self.spec.data, Path(base_dir)),

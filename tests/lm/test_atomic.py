@@ -38,7 +38,7 @@ def counted(module, name):
         return build(*args, **kwargs)
     setattr(module, name, wrapper)
 
-counted(sources, "load"), counted(shards, "train_tokenizer"), counted(labelled, "read_splits")
+counted(sources, "iter_documents"), counted(shards, "train_tokenizer"), counted(labelled, "read_splits")
 (work / f"ready-{me}").touch()
 deadline = time.monotonic() + 60
 while not (work / "go").exists() and time.monotonic() < deadline:
@@ -122,7 +122,7 @@ def test_four_concurrent_cache_builds_all_succeed_and_build_once(tmp_path):
     assert [d.returncode for d in done] == [0] * PROCESSES, [d.stderr[-2000:] for d in done]
     results = [json.loads(d.stdout.splitlines()[-1]) for d in done]
     assert all(r == results[0] for r in results), results  # every process got the one result
-    for what in ("load", "train_tokenizer", "read_splits"):
+    for what in ("iter_documents", "train_tokenizer", "read_splits"):
         assert len((tmp_path / f"builds-{what}").read_text().split()) == 1, what
     # and that result verifies as a cache hit
     index = json.loads(next((tmp_path / "data" / "index").glob("*.json")).read_text())

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from lm.config import FilesData, HubData
-from lm.sources import SourceError, decode, fingerprint, load
+from lm.sources import SourceError, fingerprint, load
+from lm.textstream import decode
 
 LINE = "To be, or not to be, that is the question:\n"
 
