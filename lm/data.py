@@ -256,11 +256,13 @@ def file_digests(path: Path, sizes: dict[str, int]) -> tuple[str, dict[str, str]
 # ---------------------------------------------------------------- the ingest stage, cached
 
 
-def ingest_inputs(cfg: DataConfig, base_dir: Path) -> dict:
-    """Everything the corpus depends on, as JSON: the cache key is its digest; `lmp plan` diffs it."""
+def ingest_inputs(cfg: DataConfig, base_dir: Path, *, root: Path | None = None) -> dict:
+    """Everything the corpus depends on, as JSON: the cache key is its digest; `lmp plan` diffs it. ``root``: the
+    corpus cache, where source-file digests are remembered by ``stat`` signature (None: every file is read)."""
+    memo = None if root is None else Path(root) / "cache" / "source-digests.json"
     return {
         "source": cfg.model_dump(mode="json", exclude={"clean", "split", "max_chars"}),
-        "source_files": sources.fingerprint(cfg, Path(base_dir)),
+        "source_files": sources.fingerprint(cfg, Path(base_dir), memo=memo),
         "clean": cfg.clean.model_dump(mode="json"),
         "split": cfg.split.model_dump(mode="json"),
         "max_chars": cfg.max_chars,
@@ -322,7 +324,7 @@ def build_corpus(cfg: DataConfig, root: Path, *, base_dir: Path, min_chars: int 
     ``min_chars``: every non-empty split must exceed this (a context window + 1), else DataError.
     """
     root = Path(root)
-    inputs = ingest_inputs(cfg, base_dir)
+    inputs = ingest_inputs(cfg, base_dir, root=root)
     key = inputs_key(inputs)
     entry = _cache(root).get_or_build(
         inputs, lambda tmp: _build(cfg, root, key, tmp, base_dir=base_dir, min_chars=min_chars)

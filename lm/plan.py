@@ -102,7 +102,7 @@ def plan(
                              init_from=[init_from], workdir=workdir, resume=resume)  # fmt: skip
     workdir, last = Path(workdir), last_success(Path(workdir), pipeline) or {}
     try:
-        ingest_now = data.ingest_inputs(data_cfg, Path(base_dir))
+        ingest_now = data.ingest_inputs(data_cfg, Path(base_dir), root=None if verify else workdir / "data")
     except (OSError, ValueError) as e:
         return [StagePlan("ingest", "run", f"will fail: {e}")] + _rest("tokenize", "depends on ingest", resume)
     if verify and (damage := data.verify_corpus(workdir / "data", inputs_key(ingest_now))):

@@ -28,6 +28,7 @@ from lm.errors import DataError
 from lm.parallel import run_jobs
 from lm.textstream import BLOCK, chunk_ends, line_blocks, sha256_file, text_chunks
 from lm.tokenizers import (
+    CharTokenizer,
     Tokenizer,
     batched,
     line_chunks,
@@ -130,23 +131,29 @@ def _build(
 ) -> dict:  # fmt: skip
     """``tokenize_corpus`` after a cache miss, holding the key's lock: the files into ``tmp``; the manifest."""
     texts = {p.stem: p for p in sorted(corpus_dir.glob("*.txt"))}
-    if isinstance(cfg, Tokenizer):
-        tok, sample = cfg, None
-    else:
-        chunks, sample = training_sample(texts["train"], getattr(cfg, "train_sample_mb", None))
-        tok = train_tokenizer(cfg, chunks)
-    tok.save(tmp / "tokenizer.json")
     shard_bytes = int(workers.shard_mb * (1 << 20))
     plan = {split: shard_ranges(path, shard_bytes) for split, path in texts.items()}
+    # a corpus of one shard (most) is worked on here, at once: starting processes would cost more than they save
+    small = sum(map(len, plan.values())) <= len(plan) and sum(p.stat().st_size for p in texts.values()) <= shard_bytes
+    spread = {"processes": 1 if small else workers.processes,
+              "scheduler_address": None if small else workers.scheduler_address}  # fmt: skip
+    if isinstance(cfg, Tokenizer):
+        tok, sample = cfg, None
+    elif cfg.kind == "char":  # a character set is the union of the shards' sets: found in parallel, like encoding
+        found = run_jobs(scan_chars, [{"text": str(texts["train"]), "start": a, "end": b} for a, b in plan["train"]],
+                         **spread)  # fmt: skip
+        tok = CharTokenizer(sorted(set().union(*found)))
+        sample = {"bytes": texts["train"].stat().st_size, "of_bytes": texts["train"].stat().st_size, "windows": 1}
+    else:
+        chunks, sample = training_sample(texts["train"], cfg.train_sample_mb)
+        tok = train_tokenizer(cfg, chunks)
+    tok.save(tmp / "tokenizer.json")
     jobs = [
         {"tokenizer": str(tmp / "tokenizer.json"), "text": str(texts[split]), "start": start, "end": end,
          "out": str(tmp / f"{split}.{i:05d}.bin")}
         for split, ranges in plan.items() for i, (start, end) in enumerate(ranges)
     ]  # fmt: skip
-    # a corpus of one shard (most) is encoded here, at once: starting processes would cost more than they save
-    small = len(jobs) <= len(plan) and sum(p.stat().st_size for p in texts.values()) <= shard_bytes
-    results = iter(run_jobs(encode_shard, jobs, processes=1 if small else workers.processes,
-                            scheduler_address=None if small else workers.scheduler_address))  # fmt: skip
+    results = iter(run_jobs(encode_shard, jobs, **spread))
     shards = {split: [next(results) for _ in ranges] for split, ranges in plan.items()}
     tokens = {s: sum(r["tokens"] for r in rs) for s, rs in shards.items()}
     short = {s: n for s, n in tokens.items() if n < min_tokens}
@@ -190,6 +197,13 @@ def shard_ranges(path: Path, shard_bytes: int) -> list[tuple[int, int]]:
                 start = end
         lines, offset = lines + n, offset + len(block)
     return [*ranges, (start, size)]
+
+
+def scan_chars(job: dict, *, alone: bool) -> list[str]:
+    """The characters in the bytes ``[start, end)`` of a split file (a char tokenizer's share of its vocabulary)."""
+    return CharTokenizer.from_chunks(
+        "".join(b) for b in batched(text_chunks(Path(job["text"]), job["start"], job["end"]))
+    ).chars
 
 
 def encode_shard(job: dict, *, alone: bool) -> dict:

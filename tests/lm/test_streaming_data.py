@@ -205,3 +205,23 @@ def test_ingest_and_tokenize_of_a_corpus_far_larger_than_the_memory_limit(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["documents"] == 6000 and sum(result["tokens"].values()) == sum(result["chars"].values())
+
+
+def test_source_digests_are_remembered_by_stat_signature_and_a_changed_file_is_read_again(tmp_path, monkeypatch):
+    """A cached run re-hashes no unchanged source file (a 1 GB corpus would cost seconds), yet an edit — even one
+    keeping the size — is seen; a file written a moment ago is not remembered (its clock tick may not be over)."""
+    from lm import sources
+
+    (tmp_path / "a.txt").write_text("to be or not to be\n" * 100)
+    cfg, memo, reads = FilesData(source="files", paths=("a.txt",)), tmp_path / "memo.json", []
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda path: reads.append(path) or real(path))
+    first = sources.fingerprint(cfg, tmp_path, memo=memo)
+    assert not memo.exists()  # just written: racy, not remembered
+    sources.fingerprint(cfg, tmp_path, memo=memo)
+    assert len(reads) == 2
+    monkeypatch.setattr(sources, "RACY_NS", -(10**15))  # as if the file had settled long ago
+    assert sources.fingerprint(cfg, tmp_path, memo=memo) == first and len(reads) == 3
+    assert sources.fingerprint(cfg, tmp_path, memo=memo) == first and len(reads) == 3  # remembered: not read
+    (tmp_path / "a.txt").write_text("to be or not to bE\n" * 100)  # same size, new content
+    assert sources.fingerprint(cfg, tmp_path, memo=memo) != first and len(reads) == 4
