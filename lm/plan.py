@@ -122,9 +122,9 @@ def plan(
     if verify and (damage := shards.verify_tokens(workdir / "tokens", key)):
         stages.append(StagePlan("tokenize", "run", _damaged(damage)))
     elif (hit := shards.cached_tokens(workdir / "tokens", key)) is not None:
-        shards_count = sum(map(len, hit.get("shards", {}).values())) or len(hit["tokens"])
-        stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values())} tokens in {shards_count} "
-                                f"shard(s), key {hit['key'][:12]}…{checked}"))  # fmt: skip
+        count, splits = sum(map(len, hit.get("shards", {}).values())) or len(hit["tokens"]), len(hit["tokens"])
+        stages.append(StagePlan("tokenize", "cached", f"{sum(hit['tokens'].values()):,} tokens ({splits} splits, "
+                                f"{count} shards), key {hit['key'][:12]}…{checked}"))  # fmt: skip
     else:
         why = changes(last.get("tokenize"), tokenize_now) or ["cached tokens missing or altered on disk"]
         stages.append(StagePlan("tokenize", "run", "; ".join(why)))
