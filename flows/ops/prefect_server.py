@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.ops.guard import allowed_origins
+from lm.timeline import mark
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -102,6 +103,7 @@ class TemporaryServer:
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
+                        mark("server_ready")
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
