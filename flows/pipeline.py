@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows import prefect_links, tasks, tracking
+from flows import prefect_links, prewarm, tasks, tracking
 from flows.config import AnySpec, validate_spec
 from flows.registry import verify as verification
 from flows.resume import prepare_resume, process_tags
@@ -85,7 +85,9 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
             tracking.log_dataset(run_id, task.dataset(prepared))
         tracking.set_tags(run_id, {"data_digest": prepared.digest, "tokenizer_digest": encoded.tokenizer_digest})
         train = tasks.train.with_options(**retry, timeout_seconds=spec.timeout_seconds)
-        trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
+        distributed = spec.train.distributed is not None and spec.train.distributed.world_size > 1
+        with prewarm.during_training(distributed):  # registration's and the report's set-up, overlapped
+            trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
         mark("trained")
         evaluation = tasks.evaluate.with_options(**retry)(spec, encoded, trained, init, run_id)
         mark("evaluated")
