@@ -6,7 +6,9 @@ MLFLOW_TRACKING_URI passed to each run, stopped after), in one scratch project:
   python bench/startup.py shakespeare-quick-lstm --repeats 3
 Each run appends its timeline to a file (``LMP_TIMELINE``, see ``lm/timeline.py``); t0 is taken just before
 the process is spawned and ``exit`` when it has ended. Prints the median time of each phase and the
-headline spans (start → first training step, last training step → exit) last. ``-o KEY=VALUE`` passes
+headline spans (start → first training step, last training step → exit) last, then the CPU seconds the
+`lmp` process itself spent in each phase (all its threads; not the servers'), which a loaded machine
+inflates far less than wall time. ``-o KEY=VALUE`` passes
 overrides (e.g. ``-o train.max_steps=60`` for a quicker look: the phases outside training do not depend on it).
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +74,7 @@ def one_run(pipeline: str, overrides: list[str], scratch: Path, env: dict[str, s
     for line in timeline.read_text().splitlines():
         record = json.loads(line)
         marks.setdefault(record["event"], record["t"] - t0)  # the first time each happened
+        marks.setdefault("cpu:" + record["event"], record["cpu"])
     return marks | {"exit": t_exit - t0}
 
 
@@ -81,22 +85,24 @@ def start_up(scratch: Path, env: dict[str, str]) -> dict[str, str]:
     return dict(state["env"])
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def table(results: dict[str, list[dict[str, float]]], cpu: bool = False) -> str:
     modes = list(results)
-    lines = [f"| phase | {' | '.join(modes)} |", "|---|" + "---:|" * len(modes)]
+    lines = [f"| phase ({'CPU' if cpu else 'wall'} s) | {' | '.join(modes)} |", "|---|" + "---:|" * len(modes)]
 
     def median(mode: str, event: str) -> float | None:
         values = [r[event] for r in results[mode] if event in r]
         return statistics.median(values) if values else None
 
     previous = dict.fromkeys(modes, 0.0)
-    for event in EVENTS:
+    for event in EVENTS[:-1] if cpu else EVENTS:
         cells = []
         for mode in modes:
-            t = median(mode, event)
+            t = median(mode, "cpu:" + event if cpu else event)
             cells.append("—" if t is None else f"{t - previous[mode]:.2f} (at {t:.2f})")
             previous[mode] = t if t is not None else previous[mode]
         lines.append(f"| {PHASES[event]} | {' | '.join(cells)} |")
+    if cpu:
+        return "\n".join(lines)
     for label, a, b in (("**start → first training step**", None, "first_step"),
                         ("**last training step → exit**", "last_step", "exit")):  # fmt: skip
         cells = [f"**{statistics.median(r[b] - (r[a] if a else 0.0) for r in results[m]):.2f}**" for m in modes]
@@ -111,6 +117,8 @@ def main() -> None:
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--modes", default="temporary,up", help="comma-separated: temporary, up")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still runs `lmp down` and the clean-up
+    started_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     scratch = Path(tempfile.mkdtemp(prefix="lmp-startup-"))
     (scratch / "tmp").mkdir()
     shutil.copy(ROOT / "pipelines.yaml", scratch / "pipelines.yaml")
@@ -132,10 +140,12 @@ def main() -> None:
                     subprocess.run([str(LMP), "down"], cwd=scratch, env=env, capture_output=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    load = os.getloadavg()
-    print(f"\n{args.pipeline} {' '.join(args.override)}: median of {args.repeats} run(s); "
-          f"seconds per phase (at: since spawn); load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{args.pipeline} {' '.join(args.override)}: median of {args.repeats} run(s), seconds per phase "
+          f"(at: since spawn); load average {started_load} at the start, {load} at the end")  # fmt: skip
     print(table(results))
+    print()
+    print(table(results, cpu=True))
 
 
 if __name__ == "__main__":
