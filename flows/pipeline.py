@@ -86,7 +86,7 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
         tracking.set_tags(run_id, {"data_digest": prepared.digest, "tokenizer_digest": encoded.tokenizer_digest})
         train = tasks.train.with_options(**retry, timeout_seconds=spec.timeout_seconds)
         distributed = spec.train.distributed is not None and spec.train.distributed.world_size > 1
-        with prewarm.during_training(distributed):  # registration's and the report's set-up, overlapped
+        with prewarm.during_training(distributed):  # the report's matplotlib import, overlapped
             trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
         mark("trained")
         evaluation = tasks.evaluate.with_options(**retry)(spec, encoded, trained, init, run_id)

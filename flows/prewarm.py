@@ -1,11 +1,14 @@
-"""Set-up the stages after training need and that does not depend on training, done while the model trains.
+"""Set-up a stage after training needs that does not depend on training, done while the model trains.
 
-After the last training step a run registers and reports: logging the pyfunc makes MLflow map every installed
-module to its distribution (to check the pinned requirements, ≈ 0.3–1 s on this machine) and imports its model
-code, and the loss-curve plot imports matplotlib (≈ 0.7 s). None of it depends on the trained weights, so a
-background thread does it once training is under way (at its first metric row), where it overlaps with the
-steps (torch releases the GIL in its kernels) instead of adding to the time from the last step to the exit.
-It only warms caches: what runs later, and what it produces, is unchanged; any failure here is ignored.
+Every run's report draws the loss curve, and importing matplotlib for it costs ≈ 0.7 s of CPU on this machine
+(≈ 1 s of wall time after the last training step). A background thread imports it once training is under way
+(at its first metric row), where it overlaps with the steps (torch releases the GIL in its kernels) instead of
+adding to the time from the last step to the exit. It only warms the import: what runs later, and what it
+produces, is unchanged; a failure here is ignored (the report imports it again and says what is wrong).
+
+Not warmed here, on purpose: MLflow's pyfunc code and its module → distribution map (≈ 1 s of CPU before a
+model is logged) — a rerun whose weights are already registered logs no model, and on two cores the work
+would only be moved into training.
 """
 
 from __future__ import annotations
@@ -18,17 +21,12 @@ from flows.metric_sink import listening
 
 
 def warm() -> None:
-    """Import what registration and the report import, and fill MLflow's module → distribution map."""
+    """Import what the report's loss curve imports (``flows.registry.reports.loss_curve_png``)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import mlflow.pyfunc  # noqa: F401
         from matplotlib import pyplot  # noqa: F401
-        from mlflow.utils import requirements_utils
-        from PIL import Image  # noqa: F401
-
-        requirements_utils._init_modules_to_packages_map()  # cached in MLflow for the process
     except Exception:  # noqa: BLE001 — only a head start: the stages do their own set-up when this could not
         pass
 
