@@ -9,15 +9,17 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows import prefect_links, tasks, tracking
+from flows import prefect_links, prewarm, tasks, tracking
 from flows.config import AnySpec, validate_spec
 from flows.registry import verify as verification
 from flows.resume import prepare_resume, process_tags
 from lm.config import flatten
 from lm.plan import record_success
+from lm.timeline import mark
 from lm.training import TrainingInterrupted
 
 STAMP = "%Y%m%d-%H%M%S"
+mark("imports")  # `lmp run` imports this module last of its heavy ones
 
 
 def _flow_run_name() -> str:
@@ -40,6 +42,7 @@ def lm_pipeline(spec: AnySpec | dict, workdir: str = ".lmp", base_dir: str = "."
     An interrupted earlier run of the pipeline is resumed from its newest valid checkpoint into the same
     MLflow run, unless ``fresh``. ``spec`` may be its JSON form (as a deployment stores it).
     """
+    mark("flow_start")
     spec = validate_spec(spec)
     try:
         return _run(spec, workdir, base_dir, fresh)
@@ -71,6 +74,7 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
             verification.record(run_id, spec)  # the spec and this machine, for `lmp verify`
         prefect_links.link_mlflow_run(spec.name, run_id)
         retry = {"retries": spec.retries, "retry_delay_seconds": spec.retry_delay_seconds}
+        mark("first_task")
         init = tasks.init_model.with_options(**retry)(spec, workdir) if task.init_from() else None
         tracking.set_tags(run_id, task.lineage_tags(init))
         prepared = tasks.ingest.with_options(**retry)(spec, workdir, base_dir)
@@ -81,14 +85,21 @@ def _run(spec: AnySpec, workdir: str, base_dir: str, fresh: bool) -> dict:
             tracking.log_dataset(run_id, task.dataset(prepared))
         tracking.set_tags(run_id, {"data_digest": prepared.digest, "tokenizer_digest": encoded.tokenizer_digest})
         train = tasks.train.with_options(**retry, timeout_seconds=spec.timeout_seconds)
-        trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
+        distributed = spec.train.distributed is not None and spec.train.distributed.world_size > 1
+        with prewarm.during_training(distributed):  # the report's matplotlib import, overlapped
+            trained = train(spec, encoded, init, run_id, workdir, str(resume.checkpoint) if resume else None)
+        mark("trained")
         evaluation = tasks.evaluate.with_options(**retry)(spec, encoded, trained, init, run_id)
+        mark("evaluated")
         registered = tasks.register.with_options(**retry)(
             spec, prepared, encoded, trained, evaluation, init, run_id, workdir
         )
+        mark("registered")
         tasks.report.with_options(**retry)(spec, encoded, trained, evaluation, registered, init, run_id)
+        mark("reported")
         get_run_logger().info("registered %s", registered.uri)
     record_success(workdir, spec.name, prepared.inputs, encoded.inputs)
+    mark("flow_end")
     return {
         "run_id": run_id,
         "metrics": evaluation.metrics,

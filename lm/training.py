@@ -37,6 +37,7 @@ from lm.errors import DataError
 from lm.models.base import architecture
 from lm.results import Trained
 from lm.runtime import Runtime, TrainingError, resolve_runtime
+from lm.timeline import mark
 
 MetricSink = Callable[[int, Mapping[str, float]], None]
 
@@ -275,6 +276,7 @@ class _Training:
 
     def run(self) -> TrainResult:
         self.done = self.start
+        mark("first_step")
         for step in range(self.start, self.cfg.batches.max_steps):
             grad_norm = self._step(step)
             if grad_norm is None:  # skipped: non-finite
@@ -283,6 +285,7 @@ class _Training:
             if self._evaluate():
                 break
             self._checkpoint_or_stop()
+        mark("last_step")
         return self._finish()
 
     def _step(self, step: int) -> float | None:
