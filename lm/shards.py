@@ -140,13 +140,13 @@ def _build(
               "scheduler_address": None if small else workers.scheduler_address}  # fmt: skip
     if isinstance(cfg, Tokenizer):
         tok, sample = cfg, None
-    elif cfg.kind == "char":  # a character set is the union of the shards' sets: found in parallel, like encoding
-        found = run_jobs(scan_chars, [{"text": str(texts["train"]), "start": a, "end": b} for a, b in plan["train"]],
-                         **spread)  # fmt: skip
-        tok = CharTokenizer(sorted(set().union(*found)))
-        sample = {"bytes": texts["train"].stat().st_size, "of_bytes": texts["train"].stat().st_size, "windows": 1}
     else:
-        chunks, sample = training_sample(texts["train"], cfg.train_sample_mb)
+        if cfg.kind == "char":  # a char vocabulary is a set of characters: the union of the shards', found in parallel
+            jobs = [{"text": str(texts["train"]), "start": a, "end": b} for a, b in plan["train"]]
+            chunks = ["".join(set().union(*run_jobs(scan_chars, jobs, **spread)))]
+            sample = {"bytes": texts["train"].stat().st_size, "of_bytes": texts["train"].stat().st_size, "windows": 1}
+        else:
+            chunks, sample = training_sample(texts["train"], cfg.train_sample_mb)
         tok = train_tokenizer(cfg, chunks)
     tok.save(tmp / "tokenizer.json")
     jobs = [
