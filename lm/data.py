@@ -27,7 +27,7 @@ from lm.cache import MANIFEST, Entry, StageCache, inputs_key
 from lm.config import CleanConfig, DataConfig, SplitConfig
 from lm.corpora.shakespeare import Document
 from lm.errors import DataError
-from lm.textstream import BLOCK
+from lm.textstream import byte_blocks, copy_range
 from lm.versions import code_digest
 
 DOC_SEPARATOR = "\n\n"
@@ -179,7 +179,8 @@ def write_splits(docs: Iterable[Document], cfg: SplitConfig, max_chars: int | No
         cuts = {"train": (0, val), "val": (val, test), "test": (test, whole.chars)}
         offsets = {s: (whole.byte_offset(a), whole.byte_offset(b)) for s, (a, b) in cuts.items()}
         for split in ("val", "test"):
-            _copy_range(whole.path, out / f"{split}.txt", *offsets[split])
+            with open(out / f"{split}.txt", "wb") as f:
+                copy_range(whole.path, f, *offsets[split])
         os.truncate(whole.path, offsets["train"][1])
         chars = {s: b - a for s, (a, b) in cuts.items()}
     else:
@@ -199,15 +200,6 @@ def write_splits(docs: Iterable[Document], cfg: SplitConfig, max_chars: int | No
         if not n:
             (out / f"{split}.txt").unlink(missing_ok=True)
     return {s: n for s, n in chars.items() if n}
-
-
-def _copy_range(src: Path, dst: Path, start: int, end: int) -> None:
-    with open(src, "rb") as f, open(dst, "wb") as g:
-        f.seek(start)
-        left = end - start
-        while left > 0 and (block := f.read(min(BLOCK, left))):
-            g.write(block)
-            left -= len(block)
 
 
 def split(docs: list[Document], cfg: SplitConfig, max_chars: int | None) -> dict[str, str]:
@@ -244,13 +236,7 @@ def corpus_digest(texts: dict[str, str]) -> str:
 
 def file_digests(path: Path, sizes: dict[str, int]) -> tuple[str, dict[str, str]]:
     """The corpus digest and each split's sha256 of the split files under ``path`` (read block by block)."""
-
-    def blocks(split: str) -> Iterator[bytes]:
-        with open(Path(path) / f"{split}.txt", "rb") as f:
-            while block := f.read(BLOCK):
-                yield block
-
-    return _digests(blocks, sizes)
+    return _digests(lambda split: byte_blocks(Path(path) / f"{split}.txt"), sizes)
 
 
 # ---------------------------------------------------------------- the ingest stage, cached

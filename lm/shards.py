@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from lm.config import DataWorkers, TokenizerConfig
 from lm.data import set_aside
 from lm.errors import DataError
 from lm.parallel import run_jobs
-from lm.textstream import BLOCK, chunk_ends, line_blocks, sha256_file, text_chunks
+from lm.textstream import chunk_ends, copy_range, line_blocks, sha256_file, text_chunks
 from lm.tokenizers import (
     CharTokenizer,
     Tokenizer,
@@ -234,18 +233,8 @@ def _join(parts: list[Path], target: Path) -> None:
         return
     with open(target, "wb") as out:
         for part in parts:
-            with open(part, "rb") as f:
-                _copy(f, out)
+            copy_range(part, out)
             part.unlink()
-
-
-def _copy(src, dst) -> None:
-    """Append ``src`` to ``dst``: by the kernel where it can (Linux ``copy_file_range``), else in blocks."""
-    if hasattr(os, "copy_file_range"):
-        while os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30):
-            pass
-    else:
-        shutil.copyfileobj(src, dst, BLOCK)
 
 
 def training_sample(path: Path, sample_mb: int | None) -> tuple[Iterable[str], dict]:

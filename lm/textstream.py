@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,20 +119,40 @@ def blocks(stream, size: int = BLOCK) -> Iterator[bytes]:
         yield block
 
 
-def sha256_file(path: Path, start: int = 0, end: int | None = None) -> str:
-    """sha256 of ``path``'s bytes ``[start, end)`` (the whole file by default), read block by block."""
-    h = hashlib.sha256()
+def byte_blocks(path: Path, start: int = 0, end: int | None = None, size: int = BLOCK) -> Iterator[bytes]:
+    """``path``'s bytes ``[start, end)`` (to the end of the file by default), ``size`` at a time."""
     with open(path, "rb") as f:
         f.seek(start)
         left = None if end is None else end - start
         while left is None or left > 0:
-            block = f.read(BLOCK if left is None else min(BLOCK, left))
+            block = f.read(size if left is None else min(size, left))
             if not block:
                 break
-            h.update(block)
             if left is not None:
                 left -= len(block)
+            yield block
+
+
+def sha256_file(path: Path, start: int = 0, end: int | None = None) -> str:
+    """sha256 of ``path``'s bytes ``[start, end)`` (the whole file by default), read block by block."""
+    h = hashlib.sha256()
+    for block in byte_blocks(path, start, end):
+        h.update(block)
     return h.hexdigest()
+
+
+def copy_range(path: Path, out, start: int = 0, end: int | None = None) -> None:
+    """Append ``path``'s bytes ``[start, end)`` to the open binary file ``out``: by the kernel where it can (Linux
+    ``copy_file_range``: no trip through this process's memory), else block by block."""
+    out.flush()
+    if not hasattr(os, "copy_file_range"):
+        for block in byte_blocks(path, start, end):
+            out.write(block)
+        return
+    with open(path, "rb") as f:
+        left = (os.fstat(f.fileno()).st_size if end is None else end) - start
+        while left > 0 and (done := os.copy_file_range(f.fileno(), out.fileno(), left, start)):
+            start, left = start + done, left - done
 
 
 def line_blocks(path: Path, start: int = 0, end: int | None = None, size: int = BLOCK) -> Iterator[bytes]:

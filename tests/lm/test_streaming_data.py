@@ -62,8 +62,14 @@ def test_streamed_corpus_has_the_digest_and_text_of_in_memory_splitting(tmp_path
             rest, test = data.split_tail(text, split_cfg.test_fraction)
             train, val = data.split_tail(rest, split_cfg.val_fraction / (1 - split_cfg.test_fraction))
             expected = {"train": train, "val": val, "test": test}
-        else:
-            expected = data.split(docs, split_cfg, max_chars)
+        else:  # whole documents by their seeded hash, until max_chars characters of documents were taken
+            parts, total = {s: [] for s in data.SPLITS}, 0
+            for d in docs:
+                if total >= max_chars:
+                    break
+                parts[data.document_split(d, split_cfg)].append(d.text)
+                total += len(d.text)
+            expected = {s: data.DOC_SEPARATOR.join(p) + "\n" if p else "" for s, p in parts.items()}
         on_disk = {s: corpus.split_path(s).read_text() if s in corpus.chars else "" for s in data.SPLITS}
         assert on_disk == expected
         assert corpus.digest == data.corpus_digest(expected)
