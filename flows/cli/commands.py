@@ -349,7 +349,11 @@ def _report_error(error: Exception) -> int:
     if options["verbose"]:
         err.print_exception(show_locals=False)
     message, code, known = f"{type(error).__name__}: {error}", 1, False
-    if "mlflow" in sys.modules:
+    from flows.ops.credentials import refusal
+
+    if (refused := refusal(error)) is not None:
+        message, code, known = refused, 2, True
+    elif "mlflow" in sys.modules:
         from flows import tracking
 
         cause, stopped = tracking.store_error(error), _in_chain(error, tracking.TrackingUnavailable)

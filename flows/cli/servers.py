@@ -15,25 +15,51 @@ from rich.table import Table
 
 from flows.cli.common import WORK_DIR, console, fail, load, options
 
+Backend = Annotated[
+    str,
+    typer.Option(help="sqlite: each server's own SQLite database, no login. postgresql: a PostgreSQL cluster in "
+                 ".lmp/postgres behind both, MLflow's basic auth and Prefect's auth string on."),
+]  # fmt: skip
+Host = Annotated[
+    str, typer.Option(help="Address the two servers listen on; beyond 127.0.0.1 it needs --backend postgresql.")
+]
+
 
 def up(
     prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow tracking server (UI and API).")] = 5000,
+    backend: Backend = "sqlite",
+    host: Host = "127.0.0.1",
+    postgres_port: Annotated[int, typer.Option(help="Port of PostgreSQL on 127.0.0.1 (--backend postgresql).")] = 54320,
 ) -> None:
-    """Start a local Prefect server and MLflow tracking server on 127.0.0.1 and wait until both answer."""
+    """Start a Prefect server and an MLflow tracking server (127.0.0.1 unless --host) and wait until both answer."""
     from flows.ops import servers
 
     try:
-        state = servers.up(Path.cwd(), WORK_DIR, prefect_port, mlflow_port)
+        state = servers.up(
+            Path.cwd(), WORK_DIR, prefect_port, mlflow_port, backend=backend, host=host, postgres_port=postgres_port
+        )
     except servers.ServersError as e:
         raise fail(str(e)) from None
     console.print(f"Prefect UI  [bold]{state['servers']['prefect']['url']}[/bold]")
     mlflow_server = state["servers"]["mlflow"]
     console.print(f"MLflow UI   [bold]{mlflow_server.get('ui', mlflow_server['url'])}[/bold]", soft_wrap=True)
+    if "postgres" in state["servers"]:
+        console.print(f"database    {state['servers']['postgres']['url']} (prefect, mlflow, mlflow_auth)")
     console.print("Point clients at them (lmp schedule reads them from .lmp/servers.json by itself):")
     for key, value in state["env"].items():
         console.print(f"  export {key}={value}", markup=False, highlight=False)
-    console.print("Stop both with `lmp down`.")
+    env_file = WORK_DIR / servers.CLIENT_ENV
+    if state.get("backend") == "postgresql":
+        where = f"{env_file} and {WORK_DIR / servers.SECRETS}"
+        console.print(
+            f"Credentials (Prefect auth string, MLflow account) are in {where}, readable by you only; a shell takes "
+            "all of it with", markup=False, highlight=False, soft_wrap=True
+        )  # fmt: skip
+    else:
+        console.print("or, in a shell:", markup=False, highlight=False)
+    console.print(f"  . {env_file}", markup=False, highlight=False)
+    console.print("Stop them with `lmp down`.")
 
 
 def down() -> None:

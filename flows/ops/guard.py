@@ -24,28 +24,36 @@ log = logging.getLogger("uvicorn.error")  # the server log, .lmp/logs/prefect-se
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 
-def allowed_hosts(port: int) -> frozenset[str]:
-    """The ``Host:`` values accepted: each loopback name, bare or with the server's port."""
-    return frozenset(LOOPBACK) | {f"{name}:{port}" for name in LOOPBACK}
+def _names(address: str) -> tuple[str, ...]:
+    """The names the server answers to: the loopback ones, and the address it is bound to beyond them (a server
+    shared with other hosts under `lmp up --backend postgresql --host ADDRESS`, where it asks for credentials)."""
+    return LOOPBACK if address in ("127.0.0.1", "localhost") else (*LOOPBACK, address)
 
 
-def allowed_origins(port: int) -> tuple[str, ...]:
-    """The server's own origins (the UI opened at any loopback name)."""
-    return tuple(f"http://{name}:{port}" for name in LOOPBACK)
+def allowed_hosts(port: int, address: str = "127.0.0.1") -> frozenset[str]:
+    """The ``Host:`` values accepted: each of the server's names, bare or with its port."""
+    names = _names(address)
+    return frozenset(names) | {f"{name}:{port}" for name in names}
+
+
+def allowed_origins(port: int, address: str = "127.0.0.1") -> tuple[str, ...]:
+    """The server's own origins (the UI opened at any of its names)."""
+    return tuple(f"http://{name}:{port}" for name in _names(address))
 
 
 class LoopbackGuard:
     """ASGI middleware: refuse a foreign ``Host`` or ``Origin`` with 403 (HTTP) or a refused handshake (websocket)."""
 
-    def __init__(self, app, port: int):
-        self.app, self.hosts, self.origins = app, allowed_hosts(port), frozenset(allowed_origins(port))
+    def __init__(self, app, port: int, address: str = "127.0.0.1"):
+        self.app, self.hosts = app, allowed_hosts(port, address)
+        self.origins = frozenset(allowed_origins(port, address))
 
     def refusal(self, scope) -> str | None:
         """Why this request is refused, or None when it may pass."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         host = headers.get("host", "").lower()
         if host not in self.hosts:
-            return f"host {host!r} is not this machine's loopback address"
+            return f"host {host!r} is not one of this server's names"
         origin = headers.get("origin")
         if origin is not None and origin.lower() not in self.origins:
             return f"origin {origin!r} is not this server's own"
@@ -69,8 +77,8 @@ def create_app():
     """Prefect's full server app (API, UI and services, as `prefect server start` builds it), guarded."""
     from prefect.server.api.server import create_app as prefect_app
 
-    port = int(os.environ["PREFECT_SERVER_API_PORT"])
-    return LoopbackGuard(prefect_app(final=True), port)
+    port, address = int(os.environ["PREFECT_SERVER_API_PORT"]), os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1")
+    return LoopbackGuard(prefect_app(final=True), port, address)
 
 
 def create_api_app():
