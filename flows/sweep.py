@@ -31,7 +31,7 @@ from flows.registry import verify as verification
 from lm.config import flatten
 from lm.results import Evaluation, Init, Trained
 
-PARENT_TAG, TRIAL_TAG = "lmp.sweep.parent", "lmp.sweep.trial"
+PARENT_TAG, TRIAL_TAG, WORKER_TAG = "lmp.sweep.parent", "lmp.sweep.trial", "lmp.sweep.worker"
 
 
 def task_runner(cfg: SweepConfig, workdir: Path):
@@ -62,6 +62,16 @@ def _trial_name() -> str:
     return f"{p['spec']['name'] if isinstance(p['spec'], dict) else p['spec'].name}-trial-{p['job']['index']}"
 
 
+def _dask_worker() -> str:
+    """The Dask worker running this trial (``tcp://HOST:PORT``): which host trained it, on a shared cluster."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # not on a worker
+        return "none"
+
+
 @flow(name="lm-trial", flow_run_name=_trial_name, validate_parameters=False, **tasks.RESULTS)
 def lm_trial(spec: AnySpec, job: dict) -> dict:
     """Train and evaluate one trial into an MLflow child run of the sweep. ``job``: index, values, encoded and
@@ -82,6 +92,7 @@ def lm_trial(spec: AnySpec, job: dict) -> dict:
         TRIAL_TAG: str(index),
         "lmp.sweep.values": json.dumps(values),
         "prefect.flow_run_id": str(flow_run.id),
+        WORKER_TAG: _dask_worker(),
     }
     run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}-trial-{index}", tags=tags)
     run_id = run.info.run_id

@@ -23,7 +23,9 @@ def refusal(error: BaseException | None) -> str | None:
         status = getattr(response, "status_code", None)
         if status in (401, 403) and type(error).__module__.startswith(("prefect", "httpx")):
             server = os.environ.get("PREFECT_API_URL", "PREFECT_API_URL")
-            given = "the auth string given" if os.environ.get("PREFECT_API_AUTH_STRING") else "a request without one"
+            given = "the auth string given"
+            if not os.environ.get("PREFECT_API_AUTH_STRING"):
+                given = "a request without an auth string"
             return (f"the Prefect server at {server} refused {given} (HTTP {status}): set PREFECT_API_AUTH_STRING "
                     f"to its user:password ({_SERVERS_ENV})")  # fmt: skip
         if type(error).__name__ == "MlflowException" and (found := _MLFLOW_STATUS.search(str(error))):

@@ -53,7 +53,7 @@ INIT_DIR = re.compile(r"^(?P<name>.+)-v\d+$")  # init/<model>-v<version>: a down
 STAGE_ROOTS = ("data", "tokens", "labelled", "labelled-tokens", "init")
 SCRATCH = ("promote", "dask")  # downloads and worker scratch that only a live command reads
 SCRATCH_IDLE_S = 3600  # scratch written more recently may belong to a command still running
-NEVER_WALKED = {"prefect", "logs", LOCKS}  # Prefect's own home under `lmp up`, server logs, lock files
+NEVER_WALKED = {"prefect", "postgres", "logs", LOCKS}  # the servers' databases under `lmp up`, server logs, locks
 INTERRUPTED = ("FAILED", "KILLED")
 
 
