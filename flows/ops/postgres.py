@@ -87,8 +87,7 @@ def initialise(directory: Path, password: str, log: Path) -> Path:
     staging = directory / f"data.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     pwfile = directory / "initdb-password"
-    atomic_write_bytes(pwfile, password.encode() + b"\n")
-    os.chmod(pwfile, 0o600)
+    atomic_write_bytes(pwfile, password.encode() + b"\n")  # mode 600, removed as soon as initdb read it
     _give_to_owner(pwfile)
     try:
         with open(log, "ab") as out:

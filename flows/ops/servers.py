@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib.util import find_spec
 from pathlib import Path
 
 from flows.ops import postgres
@@ -168,19 +169,8 @@ def secrets(workdir: Path) -> dict[str, str]:
     }
     if made.keys() - found.keys():
         found = made | found
-        _write_private(path, json.dumps(found, indent=2).encode())
+        atomic_write_bytes(path, json.dumps(found, indent=2).encode())
     return found
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """``data`` at ``path``, readable and writable by its owner only (from the first byte on)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def client_credentials(workdir: Path, state: dict) -> dict[str, str]:
@@ -237,6 +227,11 @@ def up(
         raise ServersError(
             f"--host {host} would let other hosts reach servers that ask for no credentials; add --backend "
             "postgresql (MLflow's basic auth and Prefect's auth string on), or keep 127.0.0.1"
+        )
+    if backend == "postgresql" and (lacking := [m for m in ("psycopg2", "flask_wtf") if find_spec(m) is None]):
+        raise ServersError(
+            f"--backend postgresql needs {' and '.join(lacking)} (MLflow's PostgreSQL driver and basic-auth app): "
+            'pip install -e ".[servers]"'
         )
     if (state := running(workdir)) is not None:
         urls = ", ".join(s["url"] for s in state["servers"].values())
@@ -316,7 +311,8 @@ def up(
     }
     atomic_write_bytes(workdir / STATE, json.dumps(state, indent=2).encode())
     exports = state["env"] | client_credentials(workdir, state)
-    _write_private(workdir / CLIENT_ENV, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()).encode())
+    lines = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in exports.items())
+    atomic_write_bytes(workdir / CLIENT_ENV, lines.encode())  # mode 600: it holds the credentials
     return state
 
 
