@@ -39,6 +39,8 @@ def main(job_path: str) -> None:
     device = resolve_device(spec.train.device, local_rank=ctx.local_rank)  # no CUDA context before set_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if ctx is not None and ctx.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)):
+        use_interface_towards_master()
     dist.init_process_group(distributed.resolve_backend(spec.train.distributed.backend, device))
     try:
         tracking.configure_uri(job.tracking_uri)
@@ -58,6 +60,18 @@ def main(job_path: str) -> None:
         atomic_write_bytes(Path(job.out) / "result.json", trained.model_dump_json().encode())
     finally:
         dist.destroy_process_group()
+
+
+def use_interface_towards_master() -> None:
+    """Ranks on several hosts: gloo's sockets on the interface that reaches the rendezvous (``MASTER_ADDR``), not
+    on the hostname's address (often a loopback one); ``GLOO_SOCKET_IFNAME`` set by the user wins."""
+    from lm.distributed import interface_towards
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    name = interface_towards(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    if name is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
 def from_environment():

@@ -1,8 +1,9 @@
 """Launch a train task's ranks with ``torchrun`` and turn its outcome into a result or a clear error.
 
 The command is an argument list (no shell): ``python -m torch.distributed.run --standalone
---nproc-per-node N … -m flows.ddp_worker JOB.json`` on one host; with ``nnodes > 1`` a c10d rendezvous
-at ``master_addr:master_port`` that every host joins with the same command and its own ``--node-rank``.
+--nproc-per-node N … -m flows.ddp_worker JOB.json`` on one host; with ``nnodes > 1`` a static rendezvous
+at ``master_addr:master_port`` that every host joins with the same command and its own ``--node-rank``
+(logged for each other host).
 The ranks' output goes to ``<run dir>/torchrun.log``. A failed rank fails the task with that rank's
 number, exit code and error (torchrun's "root cause"); the checkpoints written before stay, so the next
 run — or a Prefect retry — resumes from them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,16 +49,32 @@ class Job(BaseModel):
     tracking_uri: str
 
 
-def command(cfg, job: Path, run_id: str) -> list[str]:
-    """The torchrun argument list for this host."""
+def command(cfg, job: Path, node_rank: int | None = None) -> list[str]:
+    """The torchrun argument list for node ``node_rank`` (default: ``cfg.node_rank``, this host's).
+
+    Several hosts meet in torchrun's static rendezvous: node 0 (the host that runs ``lmp run``) serves the store
+    at ``master_addr:master_port`` and every rank connects there, so global rank 0 (which logs to MLflow and
+    writes the checkpoints and ``result.json``) runs on node 0. The c10d rendezvous would not do: node 0 hosts
+    its store only when ``master_addr`` resolves like the machine's hostname, and it hands the ranks the
+    hostname's address, not ``master_addr``."""
     args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nnodes),
             "--nproc-per-node", str(cfg.nproc_per_node), "--max-restarts", "0"]  # fmt: skip
     if cfg.nnodes == 1:
         args += ["--standalone"]
     else:
-        args += ["--node-rank", str(cfg.node_rank), "--rdzv-backend", "c10d", "--rdzv-id", run_id,
-                 "--rdzv-endpoint", f"{cfg.master_addr}:{cfg.master_port}"]  # fmt: skip
+        rank = cfg.node_rank if node_rank is None else node_rank
+        args += ["--node-rank", str(rank), "--master-addr", cfg.master_addr, "--master-port", str(cfg.master_port)]
     return args + ["-m", "flows.ddp_worker", str(job)]
+
+
+def other_nodes(cfg, job: Path) -> list[str]:
+    """For each other host, the line that tells its user what to run there (the real job path, shell-quoted)."""
+    where = shlex.quote(str(Path.cwd()))
+    return [
+        f"train: node {k} of {cfg.nnodes}: on its host, in {where}, run: {shlex.join(command(cfg, job, k))}"
+        for k in range(cfg.nnodes)
+        if k != cfg.node_rank
+    ]
 
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
@@ -114,12 +132,14 @@ def run(spec, job: Job, out: Path, *, should_stop, log) -> Trained:
     (out / "result.json").unlink(missing_ok=True)
     job_path = out / "job.json"
     atomic_write_bytes(job_path, job.model_dump_json().encode())
-    args = command(spec.train.distributed, job_path, job.run_id)
+    args = command(spec.train.distributed, job_path)
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
     log.info("train: %d processes per node on %d node(s): %s", spec.train.distributed.nproc_per_node,
              spec.train.distributed.nnodes, " ".join(args))  # fmt: skip
+    for line in other_nodes(spec.train.distributed, job_path):
+        log.info("%s", line)
     with open(out / "torchrun.log", "w") as sink:
         proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:

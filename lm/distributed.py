@@ -43,6 +43,30 @@ def resolve_backend(choice: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def interface_towards(host: str, port: int) -> str | None:
+    """The name of this machine's network interface that traffic to ``host`` leaves from (None if none is found).
+
+    Gloo binds each rank to the address of the machine's hostname unless ``GLOO_SOCKET_IFNAME`` names an interface,
+    and a hostname often resolves to a loopback address (``127.0.1.1`` in Debian's /etc/hosts): the ranks of the
+    other hosts are then told to connect to their own loopback. The interface that reaches the rendezvous address
+    is one every host reaches. A UDP ``connect`` only picks the route and source address; it sends nothing."""
+    import socket
+
+    import psutil
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(address)
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == family and a.address.split("%")[0] == local for a in addresses):
+            return name
+    return None
+
+
 class Objective(nn.Module):
     """``forward`` = the model's training objective, so ``DistributedDataParallel`` (which synchronises
     gradients through ``forward``) can wrap ``model.score``."""
