@@ -7,7 +7,8 @@ checking that no interface or route of the machine already uses it. Traffic betw
 namespaces: the host's own interfaces and routes are not touched. ``exec`` runs a command inside a namespace (an
 argument list through ``ip netns exec``); ``close`` kills every process left in the namespaces and deletes them.
 
-Needs root and the ``ip`` tool; ``unavailable()`` says why they cannot be made here, else None.
+Needs root and the ``ip`` tool; ``unavailable()`` says why they cannot be made here, else None, and ``require``
+skips a test for that reason (fails it under CI).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 RANGE = ipaddress.ip_network("198.18.0.0/15")
@@ -45,6 +48,16 @@ def unavailable() -> str | None:
     finally:
         _ip("netns", "del", probe, check=False)
     return None
+
+
+def require(missing: str | None) -> None:
+    """Skip a test whose simulated hosts (or what runs on them) cannot be had here, because of ``missing``; under
+    CI, fail it instead: .ci/run installs what these tests need, so a missing piece there is a broken CI."""
+    if missing is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test, but {missing} (.ci/run installs what it needs)")
+    pytest.skip(missing)
 
 
 def _used_networks() -> list[ipaddress.IPv4Network]:
