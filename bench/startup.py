@@ -2,7 +2,8 @@
 
 Runs `lmp run PIPELINE` (ingest and tokenize cached: one untimed warm-up run first) N times with Prefect's
 temporary API server, then N times against a running `lmp up` (started here, its PREFECT_API_URL and
-MLFLOW_TRACKING_URI passed to each run, stopped after), in one scratch project:
+MLFLOW_TRACKING_URI passed to each run, stopped after) — with ``--modes …,up-postgresql`` also against `lmp up
+--backend postgresql` (its credentials from .lmp/servers.env) — in one scratch project:
   python bench/startup.py shakespeare-quick-lstm --repeats 3
 Each run appends its timeline to a file (``LMP_TIMELINE``, see ``lm/timeline.py``); t0 is taken just before
 the process is spawned and ``exit`` when it has ended. Prints the median time of each phase and the
@@ -78,11 +79,14 @@ def one_run(pipeline: str, overrides: list[str], scratch: Path, env: dict[str, s
     return marks | {"exit": t_exit - t0}
 
 
-def start_up(scratch: Path, env: dict[str, str]) -> dict[str, str]:
-    subprocess.run([str(LMP), "up", "--prefect-port", "4290", "--mlflow-port", "5090"], cwd=scratch, env=env,
-                   check=True, capture_output=True)  # fmt: skip
-    state = json.loads((scratch / ".lmp" / "servers.json").read_text())
-    return dict(state["env"])
+def start_up(scratch: Path, env: dict[str, str], backend: str) -> tuple[dict[str, str], float]:
+    """`lmp up --backend BACKEND`; the client environment it writes (URLs, credentials) and its wall seconds."""
+    t0 = time.time()
+    subprocess.run([str(LMP), "up", "--prefect-port", "4290", "--mlflow-port", "5090", "--backend", backend],
+                   cwd=scratch, env=env, check=True, capture_output=True)  # fmt: skip
+    took = time.time() - t0
+    lines = (scratch / ".lmp" / "servers.env").read_text().splitlines()
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines if line), took
 
 
 def table(results: dict[str, list[dict[str, float]]], cpu: bool = False) -> str:
@@ -115,7 +119,7 @@ def main() -> None:
     parser.add_argument("pipeline", nargs="?", default="shakespeare-quick-lstm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--modes", default="temporary,up", help="comma-separated: temporary, up")
+    parser.add_argument("--modes", default="temporary,up", help="comma-separated: temporary, up, up-postgresql")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still runs `lmp down` and the clean-up
     started_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -128,15 +132,17 @@ def main() -> None:
         one_run(args.pipeline, args.override, scratch, env)  # builds the cached stages; not timed
         for mode in args.modes.split(","):
             mode_env = env
-            if mode == "up":
-                mode_env = env | start_up(scratch, env)
+            if mode.startswith("up"):
+                client, took = start_up(scratch, env, "postgresql" if mode == "up-postgresql" else "sqlite")
+                print(f"{mode}: `lmp up` answered after {took:.1f} s", flush=True)
+                mode_env = env | client
                 one_run(args.pipeline, args.override, scratch, mode_env)  # first run on the servers: not timed
             try:
                 for i in range(args.repeats):
                     results.setdefault(mode, []).append(one_run(args.pipeline, args.override, scratch, mode_env))
                     print(mode, i, {k: round(v, 2) for k, v in results[mode][-1].items()}, flush=True)
             finally:
-                if mode == "up":
+                if mode.startswith("up"):
                     subprocess.run([str(LMP), "down"], cwd=scratch, env=env, capture_output=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
