@@ -223,6 +223,11 @@ def up(
     root, workdir = Path(root).resolve(), Path(workdir)
     if backend not in BACKENDS:
         raise ServersError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        raise ServersError(
+            f"--host {host!r} names no address: give the one other hosts reach this machine at (e.g. --host "
+            "10.0.0.5); the servers answer to it and .lmp/servers.env hands it to the clients"
+        )
     if host not in ("127.0.0.1", "localhost") and backend != "postgresql":
         raise ServersError(
             f"--host {host} would let other hosts reach servers that ask for no credentials; add --backend "

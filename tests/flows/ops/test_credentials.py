@@ -45,8 +45,15 @@ def test_other_errors_are_not_taken_for_a_refused_login(error):
 
 def test_up_refuses_an_address_beyond_loopback_without_logins(tmp_path):
     with pytest.raises(servers.ServersError, match="--backend postgresql"):
-        servers.up(tmp_path, tmp_path / ".lmp", 4200, 5000, host="0.0.0.0")
+        servers.up(tmp_path, tmp_path / ".lmp", 4200, 5000, host="198.18.0.1")
     assert not (tmp_path / ".lmp").exists()  # refused before anything was written or started
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_up_refuses_a_wildcard_address_it_could_not_hand_to_clients(tmp_path, wildcard):
+    with pytest.raises(servers.ServersError, match="names no address"):
+        servers.up(tmp_path, tmp_path / ".lmp", 4200, 5000, backend="postgresql", host=wildcard)
+    assert not (tmp_path / ".lmp").exists()
 
 
 def test_secrets_are_made_once_private_and_kept(tmp_path):
