@@ -218,17 +218,35 @@ def move_aliases(
                 if before[alias] is not None:
                     client.delete_registered_model_alias(name, alias)
             else:
-                client.set_registered_model_alias(name, alias, str(version))
+                set_alias(client, name, alias, version)
     except BaseException:
         for alias, old in before.items():
             try:
                 if old is None:
                     client.delete_registered_model_alias(name, alias)
                 else:
-                    client.set_registered_model_alias(name, alias, old.version)
+                    set_alias(client, name, alias, old.version)
             except MlflowException:
                 pass
         raise
+
+
+DUPLICATE_KEY = ("duplicate key value", "UNIQUE constraint failed")  # PostgreSQL's words, SQLite's
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, attempts: int = 3) -> None:
+    """Point ``alias`` at ``version``. MLflow's SQL store sets an alias by reading its row, then inserting it when it
+    was missing: two clients setting the same new alias at once (two hosts registering against one PostgreSQL-backed
+    server) make one of them fail on the alias table's primary key. The row exists by then, so the same request
+    again updates it: retried, up to ``attempts`` times in all, for that error only."""
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as e:
+            if attempt == attempts or not any(words in str(e) for words in DUPLICATE_KEY):
+                raise
+            log.info("@%s of %r was set by another client at the same moment; setting it again", alias, name)
 
 
 def _number(version: ModelVersion | None) -> int | None:

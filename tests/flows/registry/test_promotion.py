@@ -311,3 +311,39 @@ def test_the_promotion_lock_lives_beside_a_local_store_and_a_tracking_server_rel
         assert (locks / "m.lock").is_file()
     with promotion.model_lock("m", "http://127.0.0.1:5000"):  # nothing to lock: the apply re-reads @champion
         pass
+
+
+class _RacingClient:
+    """A registry whose first ``errors`` alias writes fail as MLflow's SQL store does when another client inserted
+    the same new alias in between (PostgreSQL's primary-key violation)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors, self.calls = list(errors), []
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.calls.append((name, alias, version))
+        if self.errors:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException(self.errors.pop(0))
+
+
+def test_an_alias_set_by_another_client_at_the_same_moment_is_set_again():
+    from flows.registry.promotion import set_alias
+
+    race = ('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+            '"registered_model_alias_pk"')  # fmt: skip
+    client = _RacingClient([race])
+    set_alias(client, "m", "challenger", 3)
+    assert client.calls == [("m", "challenger", "3")] * 2
+
+
+def test_any_other_alias_error_is_not_retried():
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry.promotion import set_alias
+
+    client = _RacingClient(["RESOURCE_DOES_NOT_EXIST: Model Version (name=m, version=9) not found"])
+    with pytest.raises(MlflowException, match="not found"):
+        set_alias(client, "m", "champion", 9)
+    assert len(client.calls) == 1
